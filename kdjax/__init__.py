@@ -1,0 +1,3 @@
+"""kdjax: knowledge distillation in JAX/Flax."""
+
+__version__ = "0.1.0"

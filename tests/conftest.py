@@ -1,0 +1,14 @@
+"""Test set-up: 8 simulated CPU devices, created before JAX initialises its backend."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Never let a test reach a TFDS download server: a download hangs rather than fails.
+os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "workdir", "tfds"))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
