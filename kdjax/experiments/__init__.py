@@ -1,0 +1,1 @@
+"""Experiments: functions `run(config, workdir) -> results` that the entry point calls."""

@@ -1,0 +1,184 @@
+"""Distil a decoder LM into a smaller one on a text corpus, against the no-teacher baseline.
+
+The experiment (a config's `experiment = 'lm_kd'`):
+  1. trains the teacher with cross-entropy, or restores it from `workdir/teacher` when a
+     previous run finished it (teachers are trained once and cached);
+  2. for each seed, trains the student twice with the same initialisation, data order and
+     step count: (a) cross-entropy only, (b) with the distillation strategy of
+     `config.distill`;
+  3. evaluates everything on the held-out split and prints one table (validation CE in
+     nats per byte, perplexity, bits per byte, agreement with the teacher) with the KD gain.
+
+Every run checkpoints into its own directory and resumes from it, so a killed experiment
+restarted with the same command loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from kdjax.data import lm_pipeline, text_sources
+from kdjax.data.tokenizers import ByteTokenizer
+from kdjax.distill import strategies
+from kdjax.models.decoder import DecoderConfig, DecoderLM, count_params
+from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
+from kdjax.train.checkpoint import RunCheckpoints
+
+from flax import nnx
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  graphdef: Any
+  params: Any
+  num_params: int
+  train_seconds: float
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, cosine decay and global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps, end_value=cfg.learning_rate * cfg.final_lr_fraction)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay))
+
+
+def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: int) -> DecoderConfig:
+  return DecoderConfig(vocab_size=vocab_size, max_len=seq_len, **cfg.to_dict())
+
+
+def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.ConfigDict, seed: int,
+             strategy, teacher: Optional[TrainedModel], train_tokens: np.ndarray, data_cfg, mesh,
+             rules, workdir: str, log: Callable[[str], None]) -> TrainedModel:
+  """Trains (or resumes, or restores a finished) model in `workdir/name`."""
+  graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  optimizer = make_optimizer(train_cfg)
+  state = state_lib.create_train_state(params, optimizer, seed, mesh)
+  batches = iter(lm_pipeline.make_lm_dataset(
+      train_tokens, seq_len=data_cfg.seq_len, batch_size=train_cfg.batch_size, seed=seed, shuffle=True,
+      num_epochs=None, shard_index=jax.process_index(), shard_count=jax.process_count()))
+  checkpoints = RunCheckpoints(os.path.join(workdir, name), keep=train_cfg.get("keep_checkpoints", 2))
+  if checkpoints.latest_step() is not None:
+    state, data_state = checkpoints.restore(state)
+    if data_state:
+      batches.set_state(data_state)
+    log(f"[{name}] resumed from step {int(state.step)} in {checkpoints.directory}")
+  num_params = count_params(nnx.merge(graphdef, state.params))
+  t0 = time.perf_counter()
+  if int(state.step) < train_cfg.steps:
+    log(f"[{name}] {num_params:,} parameters, {train_cfg.steps} steps of {train_cfg.batch_size}x{data_cfg.seq_len} tokens")
+    step_fn = step_lib.make_distill_step(
+        state=state, teacher_params=None if teacher is None else teacher.params, mesh=mesh,
+        student_forward=step_lib.lm_forward(graphdef),
+        teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef),
+        strategy=strategy, optimizer=optimizer)
+    state, _ = loop.fit(
+        state=state, step_fn=step_fn, batches=batches, teacher_params=None if teacher is None else teacher.params,
+        num_steps=train_cfg.steps, mesh=mesh, tokens_per_batch=train_cfg.batch_size * data_cfg.seq_len,
+        log_every=train_cfg.log_every, checkpoints=checkpoints, checkpoint_every=train_cfg.checkpoint_every,
+        name=name, log=log)
+  checkpoints.close()
+  return TrainedModel(graphdef, state.params, num_params, time.perf_counter() - t0)
+
+
+def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np.ndarray, *, data_cfg, eval_cfg,
+                mesh) -> dict[str, float]:
+  """Held-out CE (nats/byte), perplexity, bits per byte and teacher agreement over the split."""
+  eval_step = step_lib.make_eval_step(
+      params=model.params, teacher_params=None if teacher is None else teacher.params, mesh=mesh,
+      student_forward=step_lib.lm_forward(model.graphdef),
+      teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef))
+  totals = None
+  for batch in lm_pipeline.eval_batches(tokens, seq_len=data_cfg.seq_len, batch_size=eval_cfg.batch_size,
+                                        max_batches=eval_cfg.max_batches):
+    out = eval_step(model.params, sharding_lib.shard_batch(batch, mesh), None if teacher is None else teacher.params)
+    totals = step_lib.sum_metrics(totals, out)
+  results = step_lib.mean_metrics(totals)
+  results["perplexity"] = math.exp(results["ce"])
+  results["bits_per_byte"] = results["ce"] / math.log(2)
+  results["eval_tokens"] = float(totals["ce"][1])
+  return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_table(results: dict) -> str:
+  """The experiment's summary: one row per model, mean ± std over seeds, then the KD gain."""
+  rows = ["| model | params | val CE (nats/byte) | perplexity | bits/byte | top-1 agreement with teacher |",
+          "|---|---|---|---|---|---|"]
+  t = results["teacher"]
+  rows.append(f"| teacher | {t['num_params']:,} | {t['ce']:.4f} | {t['perplexity']:.3f} | {t['bits_per_byte']:.4f} | - |")
+  for name in ("student_ce", "student_kd"):
+    runs = results[name]
+    ce, ce_sd = _mean_std([r["ce"] for r in runs])
+    ppl, ppl_sd = _mean_std([r["perplexity"] for r in runs])
+    bpb, _ = _mean_std([r["bits_per_byte"] for r in runs])
+    agree, _ = _mean_std([r["teacher_agreement"] for r in runs])
+    rows.append(f"| {name} | {runs[0]['num_params']:,} | {ce:.4f} ± {ce_sd:.4f} | {ppl:.3f} ± {ppl_sd:.3f} | "
+                f"{bpb:.4f} | {agree:.3f} |")
+  gains = [a["ce"] - b["ce"] for a, b in zip(results["student_ce"], results["student_kd"])]
+  gain, gain_sd = _mean_std(gains)
+  ppl_gain = [a["perplexity"] - b["perplexity"] for a, b in zip(results["student_ce"], results["student_kd"])]
+  rows.append("")
+  rows.append(f"KD gain over the no-teacher student ({len(gains)} seed(s), same init/data/steps): "
+              f"val CE {gain:+.4f} ± {gain_sd:.4f} nats/byte (positive = KD better), perplexity "
+              f"{statistics.fmean(ppl_gain):+.3f}; per seed: " + ", ".join(f"{g:+.4f}" for g in gains))
+  return "\n".join(rows)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
+  """Runs the whole experiment; returns (and writes to workdir/results.json) the results."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  rules = [tuple(r) for r in config.sharding_rules]
+  for cfg in (config.teacher.train, config.student.train):
+    sharding_lib.check_batch_size(cfg.batch_size, mesh)
+  data_cfg = config.data
+  data_dir = data_cfg.data_dir or text_sources.default_data_dir()
+  train_tokens = text_sources.load_split_tokens(data_cfg.name, "train", data_dir=data_dir)
+  eval_tokens = text_sources.load_split_tokens(data_cfg.name, data_cfg.eval_split, data_dir=data_dir)
+  log(f"data: {data_cfg.name} train {len(train_tokens):,} bytes, {data_cfg.eval_split} {len(eval_tokens):,} bytes; "
+      f"mesh {dict(mesh.shape)}")
+  vocab = ByteTokenizer.vocab_size
+  teacher_cfg = _model_config(config.teacher.model, vocab_size=vocab, seq_len=data_cfg.seq_len)
+  student_cfg = _model_config(config.student.model, vocab_size=vocab, seq_len=data_cfg.seq_len)
+  common = dict(train_tokens=train_tokens, data_cfg=data_cfg, mesh=mesh, rules=rules, workdir=workdir, log=log)
+  evaluate = lambda m, t: evaluate_lm(m, t, eval_tokens, data_cfg=data_cfg, eval_cfg=config.eval, mesh=mesh)
+
+  ce_only = strategies.LogitDistillation(divergence=None)
+  teacher = train_lm(name="teacher", model_cfg=teacher_cfg, train_cfg=config.teacher.train,
+                     seed=config.teacher.seed, strategy=ce_only, teacher=None, **common)
+  results: dict[str, Any] = {"teacher": dict(evaluate(teacher, None), num_params=teacher.num_params,
+                                             train_seconds=teacher.train_seconds)}
+  log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
+  kd = strategies.strategy_from_config(config.distill)
+  for name, strategy in (("student_ce", ce_only), ("student_kd", kd)):
+    results[name] = []
+    for seed in range(config.seed, config.seed + config.num_seeds):
+      trained = train_lm(name=f"{name}_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
+                         seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None, **common)
+      metrics = dict(evaluate(trained, teacher), num_params=trained.num_params, train_seconds=trained.train_seconds,
+                     seed=seed)
+      log(f"[{name} seed {seed}] validation CE {metrics['ce']:.4f} nats/byte")
+      results[name].append(metrics)
+  table = format_table(results)
+  log("\n" + table)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"results": results, "config": config.to_dict()}, f, indent=1, default=str)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  results["table"] = table
+  return results

@@ -1,0 +1,381 @@
+"""Decoder-only Transformer language model in Flax NNX.
+
+Llama-style: pre-norm blocks, rotary positions (RoPE), grouped-query causal self-attention,
+SwiGLU MLP, RMSNorm, optional tied embeddings and logit soft-capping. It is small enough to train
+on a CPU as a byte-level teacher or student, and laid out so that Llama / Qwen checkpoints map onto
+it one tensor at a time (RoPE uses the Hugging Face "rotate half" layout; key/value head ``j``
+serves query heads ``j * G .. (j + 1) * G - 1`` as in ``repeat_kv``).
+
+Logical axis names
+------------------
+Every parameter carries ``out_sharding`` metadata that names its axes logically. Nothing is placed
+on devices when a parameter is created (``eager_sharding=False``), so the model runs unsharded with
+no mesh set; a trainer maps the names onto a mesh with rules, for example::
+
+    with nnx.logical_axis_rules([("vocab", "model"), ("heads", "model"), ("kv_heads", "model"),
+                                 ("mlp", "model"), ("embed", None), ("head_dim", None),
+                                 ("norm", None)]):
+        specs = nnx.get_partition_spec(nnx.state(model))
+
+=============  ==========================================  ==========================================
+name           what the axis indexes                       parameters
+=============  ==========================================  ==========================================
+``vocab``      token ids                                   ``embedding``, ``lm_head``
+``embed``      the residual stream (``d_model``)           embedding, head and every projection
+``heads``      query heads                                 ``q``, ``q_bias``, ``o``
+``kv_heads``   key / value heads (GQA)                     ``k``, ``v``, ``k_bias``, ``v_bias``
+``head_dim``   features within one head                    ``q``, ``k``, ``v``, ``o`` and biases
+``mlp``        the MLP hidden width (``d_ff``)             ``gate``, ``up``, ``down``
+``norm``       features a norm scales                      every norm ``scale`` / ``bias``
+=============  ==========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+NORMS = ("rmsnorm", "layernorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Shape and numerics of a :class:`DecoderLM`.
+
+  Attributes:
+    vocab_size: number of token ids (256 for bytes).
+    num_layers: number of Transformer blocks.
+    num_heads: number of query heads.
+    d_model: width of the residual stream.
+    d_ff: hidden width of the SwiGLU MLP.
+    max_len: longest sequence the model accepts.
+    num_kv_heads: key / value heads for grouped-query attention; ``None`` means ``num_heads``
+      (plain multi-head attention), 1 means multi-query attention.
+    rope_theta: RoPE base frequency.
+    norm: ``"rmsnorm"`` (Llama) or ``"layernorm"`` (with a bias).
+    tie_embeddings: use the transposed token embedding as the lm head.
+    dtype: compute dtype of activations; logits are always float32.
+    param_dtype: storage dtype of parameters.
+    logit_softcap: if set, logits become ``cap * tanh(logits / cap)`` (Gemma 2).
+    head_dim: features per head; ``None`` means ``d_model // num_heads``. Qwen3 sets it apart.
+    qkv_bias: add biases to the q / k / v projections (Qwen2).
+    qk_norm: RMS-normalise each query and key head before RoPE (Qwen3).
+    norm_eps: epsilon inside every norm (Llama uses 1e-5, Qwen 1e-6).
+  """
+
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  d_model: int
+  d_ff: int
+  max_len: int
+  num_kv_heads: int | None = None
+  rope_theta: float = 10_000.0
+  norm: str = "rmsnorm"
+  tie_embeddings: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  logit_softcap: float | None = None
+  head_dim: int | None = None
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if self.num_kv_heads is None:
+      # Frozen dataclass: filling in the defaults is the one write we allow ourselves.
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0:
+      raise ValueError(f"num_kv_heads must be a positive int, got {self.num_kv_heads!r}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+          f"({self.num_kv_heads}): each key/value head serves a whole group of query heads.")
+    if self.head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(
+            f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}), "
+            "or head_dim must be given.")
+      object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+    if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+      raise ValueError(
+          f"head_dim must be a positive even int (RoPE rotates feature pairs), got "
+          f"{self.head_dim!r}.")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.logit_softcap is not None and not self.logit_softcap > 0:
+      raise ValueError(f"logit_softcap must be None or positive, got {self.logit_softcap!r}.")
+    if not self.norm_eps > 0:
+      raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}.")
+    for name in ("dtype", "param_dtype"):
+      try:
+        dtype = jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"{name} is not a dtype: {getattr(self, name)!r}.") from e
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating dtype, got {dtype}.")
+
+
+def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype) -> nnx.Param:
+  """A normally initialised parameter annotated with logical axes (see module docstring)."""
+  value = stddev * jax.random.normal(rngs.params(), shape, dtype)
+  return _annotated(value, axes)
+
+
+def _annotated(value: jax.Array, axes) -> nnx.Param:
+  # eager_sharding=False keeps the names as metadata only: placing the value would need a mesh
+  # whose axes carry these names, and the model must also run with no mesh at all.
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (or LayerNorm), computed in float32 and returned in the input's dtype.
+
+  Args:
+    dim: size of the normalised (last) axis.
+    kind: ``"rmsnorm"`` or ``"layernorm"``.
+    eps: added to the mean square before the inverse square root.
+    param_dtype: storage dtype of the scale (and bias).
+  """
+
+  def __init__(self, dim: int, *, kind: str, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = _annotated(jnp.ones((dim,), param_dtype), ("norm",))
+    self.bias = _annotated(jnp.zeros((dim,), param_dtype), ("norm",)) if kind == "layernorm" else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Mean squares of bf16 activations lose too many bits, so the statistics are float32.
+    y = x.astype(jnp.float32)
+    if self.bias is not None:
+      y = y - jnp.mean(y, axis=-1, keepdims=True)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x: jax.Array, theta: float) -> jax.Array:
+  """Rotates ``x[B, L, N, head_dim]`` by position ``0 .. L-1`` (rotate-half layout).
+
+  Feature ``i`` of the first half is paired with feature ``i`` of the second half and rotated by
+  ``pos * theta ** (-2i / head_dim)``, as in Hugging Face's Llama; the angles are float32 so long
+  positions keep their precision in bf16 models.
+  """
+  length, dim = x.shape[1], x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  cos = jnp.cos(angles)[:, None, :]  # [L, 1, dim/2]: broadcast over heads.
+  sin = jnp.sin(angles)[:, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Grouped-query causal attention.
+
+  Args:
+    q: queries ``[B, L, H, Dh]``, already scaled by ``Dh ** -0.5``.
+    k: keys ``[B, L, K, Dh]`` with ``H % K == 0``.
+    v: values ``[B, L, K, Dh]``.
+
+  Returns:
+    ``[B, L, H, Dh]``; query head ``h`` attends with key/value head ``h // (H // K)``.
+  """
+  b, length, h, d = q.shape
+  kv = k.shape[2]
+  # Grouping the query heads instead of repeating k/v keeps GQA's memory saving in the scores.
+  q = q.reshape(b, length, kv, h // kv, d)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+  mask = jnp.tril(jnp.ones((length, length), dtype=bool))
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(b, length, h, d)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with RoPE and grouped-query heads.
+
+  Args:
+    config: model configuration.
+    rngs: random streams; ``params`` is used.
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    d, h, kv, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    self.config = c
+    self.q = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), d**-0.5, c.param_dtype)
+    self.k = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), d**-0.5, c.param_dtype)
+    self.v = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), d**-0.5, c.param_dtype)
+    # Each block adds two branches to the residual stream; shrinking the output projections by
+    # sqrt(2 * layers) keeps the stream's variance independent of depth at init (GPT-2).
+    out_std = (h * hd) ** -0.5 / (2 * c.num_layers) ** 0.5
+    self.o = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, c.param_dtype)
+    if c.qkv_bias:
+      zeros = lambda n: jnp.zeros((n, hd), c.param_dtype)  # noqa: E731
+      self.q_bias = _annotated(zeros(h), ("heads", "head_dim"))
+      self.k_bias = _annotated(zeros(kv), ("kv_heads", "head_dim"))
+      self.v_bias = _annotated(zeros(kv), ("kv_heads", "head_dim"))
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    if c.qk_norm:
+      self.q_norm = Norm(hd, kind="rmsnorm", eps=c.norm_eps, param_dtype=c.param_dtype)
+      self.k_norm = Norm(hd, kind="rmsnorm", eps=c.norm_eps, param_dtype=c.param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    w = lambda p: p[...].astype(c.dtype)  # noqa: E731
+    q = jnp.einsum("bld,dhk->blhk", x, w(self.q))
+    k = jnp.einsum("bld,dhk->blhk", x, w(self.k))
+    v = jnp.einsum("bld,dhk->blhk", x, w(self.v))
+    if self.q_bias is not None:
+      q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = rope(q, c.rope_theta) * jnp.asarray(c.head_dim**-0.5, c.dtype)
+    k = rope(k, c.rope_theta)
+    out = causal_attention(q, k, v)
+    return jnp.einsum("blhk,hkd->bld", out, w(self.o))
+
+
+class SwiGLU(nnx.Module):
+  """Gated MLP: ``down(silu(gate(x)) * up(x))``.
+
+  Args:
+    config: model configuration.
+    rngs: random streams; ``params`` is used.
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    d, f = c.d_model, c.d_ff
+    self.config = c
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), d**-0.5, c.param_dtype)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), d**-0.5, c.param_dtype)
+    down_std = f**-0.5 / (2 * c.num_layers) ** 0.5
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), down_std, c.param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.config.dtype
+    gate = x @ self.gate[...].astype(dtype)
+    up = x @ self.up[...].astype(dtype)
+    return (jax.nn.silu(gate) * up) @ self.down[...].astype(dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm Transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  Args:
+    config: model configuration.
+    rngs: random streams; ``params`` is used.
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.attn_norm = Norm(c.d_model, kind=c.norm, eps=c.norm_eps, param_dtype=c.param_dtype)
+    self.attn = Attention(c, rngs=rngs)
+    self.mlp_norm = Norm(c.d_model, kind=c.norm, eps=c.norm_eps, param_dtype=c.param_dtype)
+    self.mlp = SwiGLU(c, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x))
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLM(nnx.Module):
+  """Decoder-only language model.
+
+  ``model(tokens) == softcap(model.features(tokens) @ model.head_weights())``: the two halves are
+  public so that a fused lm-head loss can consume the features without materialising the logits.
+
+  Args:
+    config: model configuration.
+    rngs: random streams; ``params`` is used.
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    # std d_model**-0.5 gives unit-scale logits at init whether or not the head is tied.
+    self.embedding = _param(
+        rngs, (c.vocab_size, c.d_model), ("vocab", "embed"), c.d_model**-0.5, c.param_dtype)
+    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = Norm(c.d_model, kind=c.norm, eps=c.norm_eps, param_dtype=c.param_dtype)
+    if c.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _param(
+          rngs, (c.d_model, c.vocab_size), ("embed", "vocab"), c.d_model**-0.5, c.param_dtype)
+
+  def features(self, tokens: jax.Array) -> jax.Array:
+    """Hidden states after the final norm.
+
+    Args:
+      tokens: int ``[B, L]`` with ``L <= max_len``.
+
+    Returns:
+      ``[B, L, d_model]`` in the compute dtype.
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}.")
+    if tokens.shape[1] > self.config.max_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.config.max_len}.")
+    x = jnp.take(self.embedding[...].astype(self.config.dtype), tokens, axis=0)
+    for block in self.blocks:
+      x = block(x)
+    return self.final_norm(x)
+
+  def head_weights(self) -> jax.Array:
+    """The lm-head matrix ``[d_model, vocab_size]`` in the parameter dtype.
+
+    With tied embeddings this is the embedding transposed, so gradients through it reach the
+    embedding.
+    """
+    if self.lm_head is None:
+      return self.embedding[...].T
+    return self.lm_head[...]
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Next-token logits.
+
+    Args:
+      tokens: int ``[B, L]`` with ``L <= max_len``.
+
+    Returns:
+      float32 ``[B, L, vocab_size]``; position ``t`` sees tokens ``0 .. t`` only.
+    """
+    h = self.features(tokens)
+    # Losses downstream work in float32, so the head accumulates and returns float32 directly.
+    logits = jnp.einsum(
+        "bld,dv->blv", h, self.head_weights().astype(h.dtype),
+        preferred_element_type=jnp.float32)
+    cap = self.config.logit_softcap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalar parameters; a tied embedding counts once."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def init_decoder(config: DecoderConfig, seed: int = 0) -> DecoderLM:
+  """A freshly initialised :class:`DecoderLM` whose parameters come from ``seed``."""
+  return DecoderLM(config, rngs=nnx.Rngs(seed))

@@ -1,0 +1,88 @@
+"""Train state and sharded creation of NNX models as pure (graphdef, params) pairs.
+
+Models are Flax NNX modules; the step works on their pure state: `nnx.split` gives a static
+`graphdef` and the `params` pytree, and `nnx.merge(graphdef, params)` rebuilds the module
+inside the jitted function. Parameters are created already sharded: the model is first
+traced abstractly (`nnx.eval_shape`), the rules give each parameter its sharding, and the
+initialiser runs under `jit(out_shardings=...)`, so no device ever holds an unsharded copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from kdjax.train import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a distillation step updates. Teachers are never part of it."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
+  """Creates a model's parameters directly in their shardings.
+
+  Args:
+    make_model: builds the module (closing over its config and seed).
+    mesh: the device mesh.
+    rules: `(regex, spec)` sharding rules, see `kdjax.train.sharding`.
+
+  Returns:
+    (graphdef, params): the static structure and the sharded parameter state.
+  """
+  abstract = nnx.eval_shape(make_model)
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  leftovers = nnx.state(abstract, nnx.Not(nnx.Param))
+  if jax.tree_util.tree_leaves(leftovers):
+    raise ValueError("kdjax steps train models whose state is all nnx.Param; this model also holds "
+                     f"{type(leftovers).__name__} leaves {jax.tree_util.tree_structure(leftovers)}")
+  shardings = sharding_lib.tree_shardings(abstract_params, mesh, rules)
+
+  @jax.jit
+  def init():
+    return nnx.split(make_model(), nnx.Param)[1]
+
+  params = jax.jit(init, out_shardings=shardings)()
+  return graphdef, params
+
+
+def create_train_state(params, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
+  """Wraps sharded params with a sharded optimizer state (same layout as the params)."""
+  param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
+  opt_abstract = jax.eval_shape(optimizer.init, params)
+  # Optimizer moments mirror their parameters; scalars (counts) are replicated.
+  opt_shardings = _mirror_shardings(opt_abstract, params, param_shardings, mesh)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+  replicated = sharding_lib.replicated(mesh)
+  return TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+      params=params,
+      opt_state=opt_state,
+      rng=jax.device_put(jax.random.PRNGKey(seed), replicated),
+  )
+
+
+def _mirror_shardings(opt_abstract, params, param_shardings, mesh):
+  """Shardings for optimizer state: subtrees shaped like the params (Adam's μ and ν) take the
+  params' shardings; everything else (step counts) is replicated."""
+  param_struct = jax.tree_util.tree_structure(params)
+  mirrors = lambda node: jax.tree_util.tree_structure(node) == param_struct
+  return jax.tree_util.tree_map(
+      lambda node: param_shardings if mirrors(node) else sharding_lib.replicated(mesh),
+      opt_abstract, is_leaf=mirrors)
+
+
+def state_shardings(state: TrainState):
+  return jax.tree_util.tree_map(lambda x: x.sharding, state)
