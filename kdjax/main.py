@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -35,8 +36,10 @@ def run(config, workdir: str):
 
 def main(argv):
   del argv
-  # Orbax logs every checkpoint phase at INFO; progress lines are ours.
+  # Orbax logs every checkpoint phase at INFO, and TFDS draws bars while it builds the local
+  # corpus: the progress lines are ours.
   logging.set_verbosity(logging.WARNING)
+  tfds.disable_progress_bar()
   run(_CONFIG.value, _WORKDIR.value)
 
 

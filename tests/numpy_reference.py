@@ -38,6 +38,11 @@ def log_softmax(z, temperature=1.0):
   return special.log_softmax(np.asarray(z, np.float64) / temperature)
 
 
+def softmax_rows(z, temperature=1.0):
+  """softmax(z / T) along the last axis of a batch, float64."""
+  return special.softmax(np.asarray(z, np.float64) / temperature, axis=-1)
+
+
 def kl(p, q):
   """KL(p ‖ q) = Σ_{p_i > 0} p_i log(p_i / q_i) for probability vectors (0·log 0 = 0)."""
   p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)

@@ -5,12 +5,20 @@ References, pinned by the `torch-ref` extra of setup.cfg:
     GKD moved to `trl.experimental` in TRL 1.x) and the chunked divergence behind the stable
     `trl.DistillationTrainer` (`trl.kernels.chunked_divergence.ChunkedDivergenceFunction`,
     `trl.trainer.distillation_trainer._chunked_divergence_loss`);
-  * DistiLLM's `distillm/losses.py`, restated independently in `tests/torch_reference.py`.
+  * DistiLLM's `distillm/losses.py`, restated independently in `tests/torch_reference.py`;
+  * Liger-Kernel 0.8.5's chunked fused-linear JSD loss
+    (`liger_kernel.chunked_loss.jsd_loss.LigerFusedLinearJSDLoss`, run with `compiled=False`:
+    pure torch on CPU; liger-kernel is installed with --no-deps, without Triton), which takes
+    hidden states and lm-heads and adds a hard-label CE to the JSD.
 
 Inputs are random float32 logits `[2, 7, 33]` with uneven label masks (-100 entries); values
 are compared at atol 1e-5 and student gradients (torch autograd against `jax.grad`) at
-atol 1e-6. The module skips when torch is not installed, and the TRL tests skip when TRL is
-not installed; nothing here needs a network or a GPU.
+atol 1e-6. The Liger tests use hidden states `[2, 7, 16]` (teacher `[2, 7, 24]`) and lm-heads
+`[33, 16]` (teacher `[33, 24]`) with the same masks, form the logits h·Wᵀ in JAX, and compare
+gradients w.r.t. the student hidden states and lm-head at rtol 1e-5 with an absolute floor of
+1e-5 × their largest entry. The module skips when torch is not installed, and the TRL and
+Liger tests skip when TRL or liger-kernel is not installed; nothing here needs a network or a
+GPU.
 """
 
 import os
@@ -413,3 +421,224 @@ def test_distillm_vocab_padding():
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad[..., :real], ref_grad, **GRAD_TOL)
     assert np.all(grad[..., real:] == 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Liger-Kernel: the chunked fused-linear JSD loss (pure torch, run uncompiled on CPU).
+#
+# `LigerFusedLinearJSDLoss(weight_hard_loss=w_h, weight_soft_loss=w_s, beta=β, temperature=T)`
+# takes hidden states and lm-heads, never logits. Read from its source (liger-kernel 0.8.5,
+# `chunked_loss/jsd_loss.py` and `chunked_loss/fused_linear_distillation.py`), it computes
+#
+#   z_s = h_s · W_sᵀ,  z_t = h_t · W_tᵀ          (teacher under no_grad; no bias here)
+#   K   = #{i : y_i ≠ −100}, clamped to ≥ 1      (over the FULL label tensor, not per chunk)
+#   hard = (1/K) Σ_{i kept} −log softmax(z_s,i)[y_i]                 (at T = 1, not tempered)
+#   soft = (1/K) Σ_{i kept} JSD_β(p_i, q_i),  p = softmax(z_t / T),  q = softmax(z_s / T)
+#   loss = w_h · hard + w_s · soft                                    (no T² factor anywhere)
+#
+#   JSD_β(p, q) = β·KL(p ‖ m) + (1 − β)·KL(q ‖ m),  m = β·p + (1 − β)·q  (mixture in log space)
+#   β = 0: F.kl_div(log q, log p) = KL(p ‖ q), forward KL;  β = 1: KL(q ‖ p), reverse KL
+#
+# Each chunk of `chunk_size` tokens divides its sums by the global K before the chunks are
+# added, so the loss is a token mean over the whole batch whatever the chunking, and the CE is
+# skipped (not computed) when w_h = 0. Its student gradients are computed inside the forward
+# (torch.func per chunk) and returned by `backward`; the teacher gets none. In kdjax terms:
+#
+#   loss = w_h · masked_mean(cross_entropy(z_s, y, where=m), m)
+#        + w_s · masked_mean(generalized_jsd(z_s, z_t, beta=β, temperature=T, where=m), m)
+#
+# with m = (y ≠ −100); kdjax's `safe_mean` divides by max(count, 1) as Liger's clamp does.
+
+LIGER_TOKENS = (2, 7)  # flattened to the [14] token axis Liger takes
+LIGER_HIDDEN, LIGER_TEACHER_HIDDEN, LIGER_VOCAB = 16, 24, SHAPE[-1]
+# torch.chunk(14 tokens, 14 // 4 = 3 chunks) makes chunks of 5, 5 and 4 tokens: the first two
+# straddle the boundary between the two sequences and hold different numbers of kept tokens.
+LIGER_CHUNK_SIZE = 4
+LIGER_WEIGHTS = [(0.3, 0.7), (0.0, 1.0)]  # (weight_hard_loss, weight_soft_loss)
+
+
+def _make_hidden_batch(seed, teacher_vocab=LIGER_VOCAB):
+  """Student/teacher float32 hidden states `[2, 7, H]` and lm-heads `[V, H]`, int64 labels.
+
+  The lm-heads are scaled so that the logits have a standard deviation of about 3, like
+  `_make_batch`'s, and the labels carry the same uneven mask (5 and 3 kept positions).
+  """
+  rng = np.random.default_rng(seed)
+
+  def normal(shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+  h, ht = LIGER_HIDDEN, LIGER_TEACHER_HIDDEN
+  return dict(
+      student_input=normal(LIGER_TOKENS + (h,)),
+      student_weight=normal((LIGER_VOCAB, h), 3.0 / np.sqrt(h)),
+      teacher_input=normal(LIGER_TOKENS + (ht,)),
+      teacher_weight=normal((teacher_vocab, ht), 3.0 / np.sqrt(ht)),
+      labels=_make_batch(seed, shape=LIGER_TOKENS + (LIGER_VOCAB,))[2],
+  )
+
+
+@pytest.fixture(scope="module")
+def liger_jsd():
+  """Liger-Kernel's `LigerFusedLinearJSDLoss` class (constructed per test: β, T and the
+  weights are constructor arguments)."""
+  pytest.importorskip("liger_kernel")
+  # A plain import: with liger-kernel installed, a moved module must fail, not skip.
+  from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+
+  return LigerFusedLinearJSDLoss
+
+
+def _liger_value_and_grads(liger_cls, batch, **kwargs):
+  """Liger's loss (a tuple (loss, soft, hard) with `return_soft_hard_loss=True`) on the
+  flattened batch, and its gradients w.r.t. the student hidden states (reshaped back to
+  `[2, 7, H]`) and the student lm-head, from `loss.backward()`."""
+  loss_fn = liger_cls(compiled=False, **kwargs)
+  student_input = _t(batch["student_input"]).reshape(-1, LIGER_HIDDEN).requires_grad_(True)
+  student_weight = _t(batch["student_weight"]).requires_grad_(True)
+  teacher_input = _t(batch["teacher_input"]).reshape(-1, LIGER_TEACHER_HIDDEN).requires_grad_(True)
+  out = loss_fn(student_input, student_weight, teacher_input, _t(batch["teacher_weight"]),
+                _t(batch["labels"]).reshape(-1))
+  loss = out[0] if isinstance(out, tuple) else out
+  loss.backward()
+  assert teacher_input.grad is None  # Liger never differentiates through the teacher
+  values = tuple(_np(v) for v in out) if isinstance(out, tuple) else _np(out)
+  grad_input = _np(student_input.grad).reshape(batch["student_input"].shape)
+  return values, grad_input, _np(student_weight.grad)
+
+
+def _kdjax_fused_value_and_grads(soft_fn, batch, *, weight_hard, weight_soft, **soft_kwargs):
+  """kdjax's composition of Liger's loss (formula above) on logits h·Wᵀ formed in JAX; returns
+  ((loss, soft, hard), d loss/d student hidden states, d loss/d student lm-head)."""
+  labels = jnp.asarray(batch["labels"])
+  where = labels != -100
+  teacher_logits = jnp.asarray(batch["teacher_input"]) @ jnp.asarray(batch["teacher_weight"]).T
+
+  def objective(student_input, student_weight):
+    student_logits = student_input @ student_weight.T
+    # Liger's hard loss is the CE of the untempered logits; only the soft term sees T.
+    hard = losses.masked_mean(losses.cross_entropy(student_logits, labels, where=where), where)
+    soft = losses.masked_mean(
+        soft_fn(student_logits, teacher_logits, where=where, **soft_kwargs), where)
+    return weight_hard * hard + weight_soft * soft, (soft, hard)
+
+  (value, (soft, hard)), (grad_input, grad_weight) = jax.value_and_grad(
+      objective, argnums=(0, 1), has_aux=True)(jnp.asarray(batch["student_input"]),
+                                               jnp.asarray(batch["student_weight"]))
+  return (_np(value), _np(soft), _np(hard)), _np(grad_input), _np(grad_weight)
+
+
+def _assert_grads_close(ours, reference):
+  """rtol 1e-5, with an absolute floor of 1e-5 × the largest reference entry (hidden-state and
+  lm-head gradients sum over tokens and vocabulary, so tiny entries carry absolute error)."""
+  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@pytest.mark.torch_ref
+@pytest.mark.parametrize("weights", LIGER_WEIGHTS, ids=["hard0.3_soft0.7", "soft_only"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_liger_fused_linear_jsd(liger_jsd, beta, temperature, weights):
+  """Liger's chunked loss over 3 uneven chunks (hard CE + soft JSD(β) at T, both divided by
+  the batch's kept-token count) equals kdjax's `cross_entropy` / `generalized_jsd` masked
+  token means weighted alike, endpoints included; so do the gradients w.r.t. the student
+  hidden states and lm-head (torch autograd through Liger against jax.grad through h·Wᵀ).
+  With w_h = 0 Liger skips the CE altogether and the soft term alone must match."""
+  weight_hard, weight_soft = weights
+  batch = _make_hidden_batch(20)
+  liger_value, liger_grad_input, liger_grad_weight = _liger_value_and_grads(
+      liger_jsd, batch, weight_hard_loss=weight_hard, weight_soft_loss=weight_soft, beta=beta,
+      temperature=temperature, chunk_size=LIGER_CHUNK_SIZE)
+  (value, _, _), grad_input, grad_weight = _kdjax_fused_value_and_grads(
+      losses.generalized_jsd, batch, weight_hard=weight_hard, weight_soft=weight_soft, beta=beta,
+      temperature=temperature)
+  np.testing.assert_allclose(value, liger_value, **VALUE_TOL)
+  _assert_grads_close(grad_input, liger_grad_input)
+  _assert_grads_close(grad_weight, liger_grad_weight)
+  # Masked tokens get no gradient on either side.
+  where = batch["labels"] != -100
+  assert np.all(grad_input[~where] == 0.0) and np.all(liger_grad_input[~where] == 0.0)
+
+
+@pytest.mark.torch_ref
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_liger_soft_and_hard_parts(liger_jsd, temperature):
+  """With `return_soft_hard_loss=True` and the default chunk size (one chunk), Liger's two
+  parts are kdjax's masked token means: the soft part is `generalized_jsd` at T (no T²), the
+  hard part is `cross_entropy` at T = 1 whatever the temperature (Liger computes its CE before
+  dividing the logits by T), and the loss is their weighted sum."""
+  batch = _make_hidden_batch(21)
+  (liger_loss, liger_soft, liger_hard), liger_grad_input, liger_grad_weight = (
+      _liger_value_and_grads(liger_jsd, batch, weight_hard_loss=0.3, weight_soft_loss=0.7,
+                             beta=0.5, temperature=temperature, return_soft_hard_loss=True))
+  (loss, soft, hard), grad_input, grad_weight = _kdjax_fused_value_and_grads(
+      losses.generalized_jsd, batch, weight_hard=0.3, weight_soft=0.7, beta=0.5,
+      temperature=temperature)
+  np.testing.assert_allclose(soft, liger_soft, **VALUE_TOL)
+  np.testing.assert_allclose(hard, liger_hard, **VALUE_TOL)
+  np.testing.assert_allclose(loss, liger_loss, **VALUE_TOL)
+  _assert_grads_close(grad_input, liger_grad_input)
+  _assert_grads_close(grad_weight, liger_grad_weight)
+
+
+@pytest.mark.torch_ref
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_liger_endpoints_are_forward_and_reverse_kl(liger_jsd, temperature):
+  """Liger special-cases the endpoints as TRL does: β = 0 is `F.kl_div(log q, log p)`, i.e.
+  forward KL(p_teacher ‖ q_student), kdjax's `forward_kl`; β = 1 is reverse KL(q ‖ p), kdjax's
+  `reverse_kl`. Values and student gradients, soft term only, over 3 chunks."""
+  batch = _make_hidden_batch(22)
+  for beta, kl_fn in ((0.0, losses.forward_kl), (1.0, losses.reverse_kl)):
+    liger_value, liger_grad_input, liger_grad_weight = _liger_value_and_grads(
+        liger_jsd, batch, weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+        temperature=temperature, chunk_size=LIGER_CHUNK_SIZE)
+    (value, _, _), grad_input, grad_weight = _kdjax_fused_value_and_grads(
+        kl_fn, batch, weight_hard=0.0, weight_soft=1.0, temperature=temperature)
+    np.testing.assert_allclose(value, liger_value, **VALUE_TOL)
+    _assert_grads_close(grad_input, liger_grad_input)
+    _assert_grads_close(grad_weight, liger_grad_weight)
+
+
+@pytest.mark.torch_ref
+def test_liger_all_masked_is_zero(liger_jsd):
+  """Every label −100: Liger clamps its token count to 1 and kdjax's `masked_mean` divides by
+  max(count, 1), so both losses and all their student gradients are exactly 0."""
+  batch = _make_hidden_batch(23)
+  batch["labels"] = np.full_like(batch["labels"], -100)
+  liger_value, liger_grad_input, liger_grad_weight = _liger_value_and_grads(
+      liger_jsd, batch, weight_hard_loss=0.3, weight_soft_loss=0.7, beta=0.5,
+      chunk_size=LIGER_CHUNK_SIZE)
+  (value, _, _), grad_input, grad_weight = _kdjax_fused_value_and_grads(
+      losses.generalized_jsd, batch, weight_hard=0.3, weight_soft=0.7, beta=0.5)
+  assert float(liger_value) == 0.0 and float(value) == 0.0
+  for grad in (liger_grad_input, liger_grad_weight, grad_input, grad_weight):
+    assert np.all(grad == 0.0)
+
+
+@pytest.mark.torch_ref
+def test_liger_zero_pads_a_larger_teacher_vocab(liger_jsd):
+  """A teacher lm-head with more rows than the student's (a padded teacher vocabulary): Liger
+  appends zero logits to the student, so the student puts probability mass on the padded ids
+  (the practice kdjax's `check_pair` rejects, pointing to `align_vocab`). Documented, not
+  copied: kdjax reproduces it only when handed the same zero-padded student logits, which is
+  what this checks (values and student gradients)."""
+  extra = 7
+  batch = _make_hidden_batch(24, teacher_vocab=LIGER_VOCAB + extra)
+  liger_value, liger_grad_input, liger_grad_weight = _liger_value_and_grads(
+      liger_jsd, batch, weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5,
+      chunk_size=LIGER_CHUNK_SIZE)
+
+  def zero_padded(fn):
+    def padded(student_logits, teacher_logits, **kwargs):
+      zeros = jnp.zeros(student_logits.shape[:-1] + (extra,), student_logits.dtype)
+      return fn(jnp.concatenate([student_logits, zeros], axis=-1), teacher_logits, **kwargs)
+    return padded
+
+  (value, _, _), grad_input, grad_weight = _kdjax_fused_value_and_grads(
+      zero_padded(losses.generalized_jsd), batch, weight_hard=0.0, weight_soft=1.0, beta=0.5)
+  np.testing.assert_allclose(value, liger_value, **VALUE_TOL)
+  _assert_grads_close(grad_input, liger_grad_input)
+  _assert_grads_close(grad_weight, liger_grad_weight)
+  with pytest.raises(ValueError, match="vocab mismatch"):
+    losses.generalized_jsd(np.zeros((3, LIGER_VOCAB), np.float32),
+                           np.zeros((3, LIGER_VOCAB + extra), np.float32))

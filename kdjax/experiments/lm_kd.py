@@ -101,9 +101,11 @@ def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np
       teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef))
   totals = None
   for batch in lm_pipeline.eval_batches(tokens, seq_len=data_cfg.seq_len, batch_size=eval_cfg.batch_size,
-                                        max_batches=eval_cfg.max_batches):
+                                        max_batches=eval_cfg.max_batches or None):
     out = eval_step(model.params, sharding_lib.shard_batch(batch, mesh), None if teacher is None else teacher.params)
     totals = step_lib.sum_metrics(totals, out)
+  if totals is None:
+    raise ValueError(f"the evaluation split has {len(tokens)} tokens: too few for one window of {data_cfg.seq_len}")
   results = step_lib.mean_metrics(totals)
   results["perplexity"] = math.exp(results["ce"])
   results["bits_per_byte"] = results["ce"] / math.log(2)

@@ -193,7 +193,12 @@ def ab_divergence(student_logits: Array, teacher_logits: Array, *, alpha: float 
     pb, qb = jnp.exp(b * lp), jnp.exp(b * lq)
     terms = (jnp.where(qb > 0, qb * b * (common.finite_or_zero(lq) - lp), 0.0) - qb + pb) / b**2
   elif a != 0:  # α = −β
-    terms = (a * (lq - lp) + jnp.exp(-a * (lq - lp)) - 1.0) / a**2
+    # x + e^(−x) − 1 grows without bound at both ends, so a zero probability on one side only
+    # (x = ±inf) is +inf; the formula itself would give −inf + inf there.
+    x = a * (lq - lp)
+    one_sided = jnp.isinf(x)
+    x = jnp.where(one_sided, 0.0, x)
+    terms = jnp.where(one_sided, jnp.inf, (x + jnp.expm1(-x)) / a**2)
   else:
     terms = 0.5 * (lp - lq) ** 2
   values = jnp.sum(jnp.where(present, terms, 0.0), axis=-1)

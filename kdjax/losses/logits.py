@@ -37,7 +37,8 @@ def cross_entropy(logits: Array, labels: Array, *, where: Optional[Array] = None
     logits: `[..., V]`.
     labels: integer `[...]` class / next-token ids in [0, V).
     where: optional boolean `[...]` mask.
-    label_smoothing: ε; the target is (1 − ε)·onehot(y) + ε/V.
+    label_smoothing: ε; the target is (1 − ε)·onehot(y) + ε/V', with V' the number of ids whose
+      logit is finite (V unless some ids are masked with −inf).
   """
   if jnp.shape(labels) != jnp.shape(logits)[:-1]:
     raise ValueError(f"labels shape {jnp.shape(labels)} must equal logits shape without the vocab axis "
@@ -46,7 +47,9 @@ def cross_entropy(logits: Array, labels: Array, *, where: Optional[Array] = None
   log_probs = jax.nn.log_softmax(common.sanitize(logits, where), axis=-1)
   nll = -jnp.take_along_axis(log_probs, jnp.asarray(labels)[..., None].astype(jnp.int32), axis=-1)[..., 0]
   if label_smoothing:
-    uniform = -jnp.mean(common.finite_or_zero(log_probs), axis=-1)
+    # The uniform part covers the ids that exist: −inf logits (padded or banned ids) get none.
+    present = jnp.isfinite(log_probs)
+    uniform = -jnp.sum(jnp.where(present, log_probs, 0.0), axis=-1) / jnp.maximum(jnp.sum(present, axis=-1), 1)
     nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
   return common.finish(nll, where)
 
@@ -88,8 +91,13 @@ def _pearson(x: Array, y: Array, axis: int, weights: Optional[Array] = None) -> 
   xc = (x - jnp.sum(x * weights, axis=axis, keepdims=True) / n) * weights
   yc = (y - jnp.sum(y * weights, axis=axis, keepdims=True) / n) * weights
   cov = jnp.sum(xc * yc, axis=axis)
-  # The small constant keeps a constant vector (zero variance) from producing NaN.
-  return cov / (jnp.sqrt(jnp.sum(xc * xc, axis=axis) * jnp.sum(yc * yc, axis=axis)) + 1e-8)
+  # cov / (‖xc‖·‖yc‖ + 1e-8) as in the reference code. The norm of a constant vector (a class
+  # absent from the batch, a batch of one) is 0, where sqrt's derivative is infinite and inf·0
+  # would make the whole gradient NaN: there the norm is taken as a constant 0.
+  def norm(v):
+    squares = jnp.sum(v * v, axis=axis)
+    return jnp.where(squares > 0, jnp.sqrt(jnp.where(squares > 0, squares, 1.0)), 0.0)
+  return cov / (norm(xc) * norm(yc) + 1e-8)
 
 
 def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gamma: float = 1.0,
@@ -102,7 +110,9 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
     DIST = T² · (β·inter + γ·intra),
   where ρ is the Pearson correlation. The intra-class term couples examples, so unlike the
   per-position losses this returns a scalar for the batch; `where` `[B]` drops examples from
-  both terms.
+  both terms, and a batch with every example dropped gives 0. A constant vector (a class with
+  probability 0 across the batch, or a batch of one example) has correlation 0 with a zero
+  gradient.
 
   Args:
     student_logits: `[B, V]`.
@@ -121,6 +131,8 @@ def dist(student_logits: Array, teacher_logits: Array, *, beta: float = 1.0, gam
   keep = jnp.ones(p.shape[:1], p.dtype) if where is None else jnp.asarray(where, p.dtype)
   inter = common.masked_mean(1.0 - _pearson(q, p, axis=-1), keep > 0)
   intra = jnp.mean(1.0 - _pearson(q, p, axis=0, weights=jnp.broadcast_to(keep[:, None], p.shape)))
+  # With every example masked there is nothing to correlate: 0, like every other masked loss.
+  intra = jnp.where(jnp.any(keep > 0), intra, 0.0)
   return temperature**2 * (beta * inter + gamma * intra)
 
 

@@ -11,7 +11,9 @@ with such a teacher:
 * ``tail="bucket"``: keep the full-vocabulary probabilities and add one tail bucket holding the
   remaining mass, 1 − Σ_S p and 1 − Σ_S q, then take the divergence over k + 1 outcomes. The
   teacher's values must then be its log-probabilities log softmax(z_t/T) at the temperature of
-  the loss (the tail mass is not recoverable from top-k logits alone).
+  the loss (the tail mass is not recoverable from top-k logits alone). The teacher's tail is
+  taken as max(1 − Σ_S p, k·ε_f32): below k float32 ulps the sum cannot resolve it, and a tail
+  of exactly 0 would make reverse KL infinite for any student with mass outside S.
 
 Both equal the full-vocabulary divergence when k = V.
 """
@@ -57,11 +59,12 @@ def _support_log_probs(student_logits, teacher_values, teacher_indices, temperat
     in_support = jnp.zeros(zs.shape, bool)
     in_support = jnp.put_along_axis(in_support, indices, True, axis=-1, inplace=False)
     log_q_tail = jax.nn.logsumexp(jnp.where(in_support, -jnp.inf, log_q_full), axis=-1)
-    # The teacher's tail is all we know: 1 − Σ_S p, clipped at 0 against rounding.
-    # Mass below k float32 ulps is rounding error of the sum, not a tail.
+    # The teacher's tail is all we know: 1 − Σ_S p. Float32 resolves it only down to the
+    # rounding error of that sum, k·ε; a smaller tail is floored there rather than taken as 0,
+    # which would make reverse KL (and its gradient) infinite whenever the student keeps any mass
+    # outside a confident teacher's top-k.
     p_tail = 1.0 - jnp.sum(jnp.exp(values), axis=-1)
-    p_tail = jnp.where(p_tail > k * jnp.finfo(jnp.float32).eps, jnp.minimum(p_tail, 1.0), 0.0)
-    log_p_tail = jnp.where(p_tail > 0, jnp.log(jnp.where(p_tail > 0, p_tail, 1.0)), -jnp.inf)
+    log_p_tail = jnp.log(jnp.clip(p_tail, k * jnp.finfo(jnp.float32).eps, 1.0))
     log_q = jnp.concatenate([log_q_top, log_q_tail[..., None]], axis=-1)
     log_p = jnp.concatenate([values, log_p_tail[..., None]], axis=-1)
     return log_q, log_p

@@ -33,6 +33,7 @@ name           what the axis indexes                       parameters
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -66,6 +67,10 @@ class DecoderConfig:
     qkv_bias: add biases to the q / k / v projections (Qwen2).
     qk_norm: RMS-normalise each query and key head before RoPE (Qwen3).
     norm_eps: epsilon inside every norm (Llama uses 1e-5, Qwen 1e-6).
+
+  ``num_kv_heads`` and ``head_dim`` are filled in at construction, so ``dataclasses.replace``
+  carries the filled-in values over: pass them again as ``None`` when changing ``num_heads`` or
+  ``d_model`` of a config that left them to their defaults.
   """
 
   vocab_size: int
@@ -129,7 +134,9 @@ class DecoderConfig:
 
 def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype) -> nnx.Param:
   """A normally initialised parameter annotated with logical axes (see module docstring)."""
-  value = stddev * jax.random.normal(rngs.params(), shape, dtype)
+  # Drawn flat and reshaped: same distribution, but XLA:CPU compiles the flat sampler several
+  # times faster than a multi-dimensional one, and eager init compiles one sampler per shape.
+  value = stddev * jax.random.normal(rngs.params(), (math.prod(shape),), dtype).reshape(shape)
   return _annotated(value, axes)
 
 
@@ -166,6 +173,19 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """``x[..., *in] @ w[*in, *out]`` over the last ``contract`` axes of ``x``, as one 2-D matmul.
+
+  On XLA:CPU the backward pass of a matmul over ``[B, L, D]`` contracts two axes for the weight
+  gradient and pays for large transposes; flattening to ``[B * L, D]`` first made a SwiGLU MLP's
+  forward+backward about 1.8x faster (d_model 256, batch 32 x 128 tokens).
+  """
+  lead = x.shape[:x.ndim - contract]
+  k = math.prod(x.shape[x.ndim - contract:])
+  y = x.reshape(-1, k) @ w.reshape(k, -1)
+  return y.reshape(*lead, *w.shape[contract:])
+
+
 def rope(x: jax.Array, theta: float) -> jax.Array:
   """Rotates ``x[B, L, N, head_dim]`` by position ``0 .. L-1`` (rotate-half layout).
 
@@ -196,7 +216,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """
   b, length, h, d = q.shape
   kv = k.shape[2]
-  # Grouping the query heads instead of repeating k/v keeps GQA's memory saving in the scores.
+  # Grouping the query heads, rather than repeating k and v per group, never materialises the
+  # repeated keys and values. On CPU this einsum form, repeat-then-einsum and
+  # jax.nn.dot_product_attention timed the same within noise for the model's forward+backward.
   q = q.reshape(b, length, kv, h // kv, d)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
   mask = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -241,9 +263,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     w = lambda p: p[...].astype(c.dtype)  # noqa: E731
-    q = jnp.einsum("bld,dhk->blhk", x, w(self.q))
-    k = jnp.einsum("bld,dhk->blhk", x, w(self.k))
-    v = jnp.einsum("bld,dhk->blhk", x, w(self.v))
+    q, k, v = dense(x, w(self.q)), dense(x, w(self.k)), dense(x, w(self.v))
     if self.q_bias is not None:
       q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
     if self.q_norm is not None:
@@ -251,7 +271,7 @@ class Attention(nnx.Module):
     q = rope(q, c.rope_theta) * jnp.asarray(c.head_dim**-0.5, c.dtype)
     k = rope(k, c.rope_theta)
     out = causal_attention(q, k, v)
-    return jnp.einsum("blhk,hkd->bld", out, w(self.o))
+    return dense(out, w(self.o), contract=2)
 
 
 class SwiGLU(nnx.Module):
@@ -273,9 +293,9 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.config.dtype
-    gate = x @ self.gate[...].astype(dtype)
-    up = x @ self.up[...].astype(dtype)
-    return (jax.nn.silu(gate) * up) @ self.down[...].astype(dtype)
+    gate = dense(x, self.gate[...].astype(dtype))
+    up = dense(x, self.up[...].astype(dtype))
+    return dense(jax.nn.silu(gate) * up, self.down[...].astype(dtype))
 
 
 class Block(nnx.Module):

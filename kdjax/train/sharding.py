@@ -48,6 +48,10 @@ def path_to_str(path) -> str:
         break
     else:
       parts.append(str(key))
+  # NNX variables are pytree nodes whose array sits under a trailing 'value' key: rules name
+  # the parameter ('blocks/0/mlp/gate'), not that implementation detail.
+  if parts and parts[-1] == "value":
+    parts.pop()
   return "/".join(parts)
 
 

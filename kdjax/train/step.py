@@ -57,9 +57,9 @@ def distill_step(state: TrainState, batch, teacher_params, *, student_forward: F
   params = optax.apply_updates(state.params, updates)
   one = jnp.ones((), jnp.float32)
   metrics = dict(metrics)
-  metrics["grad_norm"] = (optax.global_norm(grads), one)
-  metrics["param_norm"] = (optax.global_norm(params), one)
-  metrics["update_norm"] = (optax.global_norm(updates), one)
+  metrics["grad_norm"] = (optax.tree.norm(grads), one)
+  metrics["param_norm"] = (optax.tree.norm(params), one)
+  metrics["update_norm"] = (optax.tree.norm(updates), one)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
