@@ -145,10 +145,10 @@ def _dkd(zs, zt, label, temperature, alpha, beta):
 
 def _cross_entropy(z, label, label_smoothing):
   lq = log_softmax(z)
-  v = len(lq)
-  target = np.full(v, label_smoothing / v)
+  present = np.isfinite(lq)  # ids with a −inf logit do not exist and get no smoothing mass
+  target = np.where(present, label_smoothing / present.sum(), 0.0)
   target[label] += 1.0 - label_smoothing
-  return float(-np.sum(target * lq))
+  return float(-np.sum(target[present] * lq[present]))
 
 
 # ----------------------------------------------------------------------------------------------

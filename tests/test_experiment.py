@@ -4,8 +4,8 @@ The `runlocal` variant of `configs/shakespeare_kd.py` trains a teacher and two s
 dozen steps on 8 simulated devices. These tests check that the whole path (data, sharded models,
 step, loop, checkpoints, evaluation, the printed table) works and that every model learned; they
 also kill a run mid-way and check that the restarted run ends exactly where an uninterrupted one
-does. Whether distillation beats the no-teacher student is a claim about a full-size run (see the
-README's table), which is recorded there rather than asserted on a 30-step run.
+does. A shortened run of the default models (slow) checks that distillation beats the no-teacher
+student; the full-size numbers over three seeds are in the README.
 """
 
 from __future__ import annotations
@@ -108,3 +108,23 @@ def test_killed_run_resumes_with_nothing_lost(tmp_path, data_dir):
     for key in ("ce", "accuracy", "kl_to_teacher", "teacher_agreement"):
       if key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_its_no_teacher_baseline(tmp_path, data_dir):
+  """The default models, shortened (teacher 800 steps, students 300): KD must still win clearly.
+
+  Seeds 0 and 1 of this setting measured gains of +0.091 and +0.078 nats/byte (seed spread of
+  the CE-only student about 0.01), so a gain below 0.03 means distillation broke, not bad luck.
+  """
+  config = _runlocal_config(data_dir, arg="")
+  config.teacher.train.steps = 800
+  config.student.train.steps = 300
+  config.eval.max_batches = 20  # 82k validation bytes
+  results = lm_kd.run(config, str(tmp_path), log=lambda line: None)
+  teacher, ce_only, distilled = results["teacher"], results["student_ce"][0], results["student_kd"][0]
+  assert teacher["ce"] < ce_only["ce"] - 0.2, (teacher["ce"], ce_only["ce"])
+  assert ce_only["ce"] - distilled["ce"] > 0.03, (ce_only["ce"], distilled["ce"])
+  # Distillation moves the student toward the teacher, not only toward the data.
+  assert distilled["kl_to_teacher"] < ce_only["kl_to_teacher"]
+  assert distilled["teacher_agreement"] > ce_only["teacher_agreement"]

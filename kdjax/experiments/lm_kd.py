@@ -113,8 +113,10 @@ def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np
   return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _mean_std(values: list[float], digits: int = 4, sign: str = "") -> str:
+  """'mean ± sample std' over seeds; the mean alone for one seed (no spread was measured)."""
+  mean = f"{statistics.fmean(values):{sign}.{digits}f}"
+  return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
 
 
 def format_table(results: dict) -> str:
@@ -125,18 +127,14 @@ def format_table(results: dict) -> str:
   rows.append(f"| teacher | {t['num_params']:,} | {t['ce']:.4f} | {t['perplexity']:.3f} | {t['bits_per_byte']:.4f} | - |")
   for name in ("student_ce", "student_kd"):
     runs = results[name]
-    ce, ce_sd = _mean_std([r["ce"] for r in runs])
-    ppl, ppl_sd = _mean_std([r["perplexity"] for r in runs])
-    bpb, _ = _mean_std([r["bits_per_byte"] for r in runs])
-    agree, _ = _mean_std([r["teacher_agreement"] for r in runs])
-    rows.append(f"| {name} | {runs[0]['num_params']:,} | {ce:.4f} ± {ce_sd:.4f} | {ppl:.3f} ± {ppl_sd:.3f} | "
-                f"{bpb:.4f} | {agree:.3f} |")
+    column = lambda key, digits=4: _mean_std([r[key] for r in runs], digits)  # noqa: E731
+    rows.append(f"| {name} | {runs[0]['num_params']:,} | {column('ce')} | {column('perplexity', 3)} | "
+                f"{column('bits_per_byte')} | {column('teacher_agreement', 3)} |")
   gains = [a["ce"] - b["ce"] for a, b in zip(results["student_ce"], results["student_kd"])]
-  gain, gain_sd = _mean_std(gains)
   ppl_gain = [a["perplexity"] - b["perplexity"] for a, b in zip(results["student_ce"], results["student_kd"])]
   rows.append("")
   rows.append(f"KD gain over the no-teacher student ({len(gains)} seed(s), same init/data/steps): "
-              f"val CE {gain:+.4f} ± {gain_sd:.4f} nats/byte (positive = KD better), perplexity "
+              f"val CE {_mean_std(gains, sign='+')} nats/byte (positive = KD better), perplexity "
               f"{statistics.fmean(ppl_gain):+.3f}; per seed: " + ", ".join(f"{g:+.4f}" for g in gains))
   return "\n".join(rows)
 
