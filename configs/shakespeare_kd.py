@@ -50,8 +50,10 @@ def get_config(arg=None):
       train=dict(train, steps=800),
   )
   # Loss = (1 - kd_weight) * CE(labels) + kd_weight * KL(teacher || student) at temperature T.
+  # implementation: how the divergence is computed ('auto': Pallas kernel on GPU/TPU, else the
+  # tiled twin or the naive loss by size; see kdjax/kernels/api.py).
   config.distill = dict(divergence="forward_kl", kd_weight=arg.kd_weight, temperature=arg.temperature,
-                        divergence_kwargs={})
+                        divergence_kwargs={}, implementation="auto")
 
   if arg.runlocal:
     config.data.seq_len = 32

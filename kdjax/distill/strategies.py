@@ -18,13 +18,14 @@ loop never change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import losses
+from kdjax import kernels, losses
 from kdjax.distill import schedules
 
 Array = jax.Array
@@ -112,20 +113,36 @@ def _as_schedule(value):
   return value if callable(value) else (lambda step: value)
 
 
+def divergence_with_implementation(name: str, implementation: str = "auto") -> Callable[..., Array]:
+  """The divergence `name`, computed by `kdjax.kernels.fused_divergence` when it belongs to the
+  fused family (dispatching by `implementation`), else by its `kdjax.losses` function."""
+  if name in kernels.NAMES:
+    kernels.resolve_implementation(implementation, 0)  # rejects an unknown implementation now
+    return functools.partial(kernels.fused_divergence, divergence=name, implementation=implementation)
+  if implementation not in ("auto", "naive"):
+    raise ValueError(f"divergence {name!r} has no fused implementation (fused: {sorted(kernels.NAMES)}); "
+                     f"use implementation 'auto' or 'naive'")
+  return divergence_by_name(name)
+
+
 def strategy_from_config(config: ml_collections.ConfigDict) -> LogitDistillation:
   """Builds a strategy from `config.distill` (None or an empty divergence means CE only).
 
   Keys: divergence (a name in DIVERGENCES or None), kd_weight, temperature (numbers or schedule
-  configs, see `kdjax.distill.schedules`), divergence_kwargs (dict), label_smoothing.
+  configs, see `kdjax.distill.schedules`), divergence_kwargs (dict), label_smoothing, and
+  implementation ('auto', 'pallas', 'tiled' or 'naive': how a divergence of the fused family is
+  computed, see `kdjax.kernels.api`).
   """
   cfg = dict(config)
-  known = {"divergence", "kd_weight", "temperature", "divergence_kwargs", "label_smoothing"}
+  known = {"divergence", "kd_weight", "temperature", "divergence_kwargs", "label_smoothing", "implementation"}
   unknown = set(cfg) - known
   if unknown:
     raise ValueError(f"unknown distill config keys {sorted(unknown)}; known: {sorted(known)}")
   name = cfg.get("divergence")
+  if name:
+    divergence_by_name(name)  # an unknown name fails with the list of known ones
   return LogitDistillation(
-      divergence=divergence_by_name(name) if name else None,
+      divergence=divergence_with_implementation(name, cfg.get("implementation", "auto")) if name else None,
       kd_weight=schedules.make_schedule(cfg.get("kd_weight", 0.5)),
       temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
       divergence_kwargs=tuple(sorted(dict(cfg.get("divergence_kwargs") or {}).items())),

@@ -67,7 +67,7 @@ def partial_lse(s: Array, t: Array, *, tile: int) -> tuple[tuple[Array, Array], 
   """Streaming log-sum-exp of both rows: ((max_s, Σ exp(s − max_s)), (max_t, Σ exp(t − max_t))).
 
   Returned as (max, sum) pairs rather than logs so that pairs from vocabulary shards combine
-  exactly (`combine_lse`).
+  exactly (`kdjax.kernels.vocab_parallel.combine_lse`).
   """
   n, v = s.shape
   num_tiles, take = _tiles(v, tile)
@@ -79,8 +79,9 @@ def partial_lse(s: Array, t: Array, *, tile: int) -> tuple[tuple[Array, Array], 
     st, tt = jnp.where(fresh, st, -jnp.inf), jnp.where(fresh, tt, -jnp.inf)
     return (online_lse_update(ms, ls, st), online_lse_update(mt, lt, tt)), None
 
-  start = (jnp.full((n,), -jnp.inf), jnp.zeros((n,)))
-  out, _ = jax.lax.scan(step, (start, start), jnp.arange(num_tiles))
+  # Carries built from the inputs (not jnp.zeros((n,))) inherit their sharding type inside shard_map.
+  start = lambda x: (jnp.full_like(x[:, 0], -jnp.inf, jnp.float32), jnp.zeros_like(x[:, 0], jnp.float32))  # noqa: E731
+  out, _ = jax.lax.scan(step, (start(s), start(t)), jnp.arange(num_tiles))
   return out
 
 
@@ -98,7 +99,7 @@ def term_sums(div: Divergence, s: Array, t: Array, lse_s: Array, lse_t: Array, *
     g = g + jnp.sum(jnp.where(fresh, div.grad_terms(log_p, log_q), 0.0), axis=-1)
     return (d, g), None
 
-  zeros = jnp.zeros((n,))
+  zeros = jnp.zeros_like(s[:, 0] + t[:, 0], jnp.float32)
   out, _ = jax.lax.scan(step, (zeros, zeros), jnp.arange(num_tiles))
   return out
 
