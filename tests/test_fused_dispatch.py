@@ -163,3 +163,21 @@ def test_strategy_uses_the_fused_implementation_from_the_config():
     strategies.strategy_from_config(ml_collections.ConfigDict(dict(divergence="adaptive_kl", implementation="tiled")))
   with pytest.raises(ValueError, match="unknown implementation"):
     strategies.strategy_from_config(ml_collections.ConfigDict(dict(divergence="forward_kl", implementation="fast")))
+
+
+def test_fused_linear_divergence_streams_and_equals_the_naive_composition():
+  rng = np.random.default_rng(9)
+  h_s, h_t = (jnp.asarray(rng.normal(size=(19, d)), jnp.float32) for d in (6, 10))
+  w_s, w_t = (jnp.asarray(rng.normal(size=(d, 70)) * 0.5, jnp.float32) for d in (6, 10))
+  where = jnp.asarray(rng.random(19) > 0.3)
+  weights = jnp.asarray(rng.random(19), jnp.float32)  # a non-uniform cotangent
+  results = {}
+  for implementation in ("tiled", "naive"):
+    fn = lambda hs, ws: kernels.fused_linear_divergence(  # noqa: E731
+        hs, ws, h_t, w_t, divergence="generalized_jsd", beta=0.5, temperature=1.5, where=where,
+        implementation=implementation, token_chunk=8, tile=32)
+    results[implementation] = (fn(h_s, w_s), jax.grad(lambda hs, ws: jnp.sum(fn(hs, ws) * weights), (0, 1))(h_s, w_s))
+  want = losses.generalized_jsd(h_s @ w_s, h_t @ w_t, beta=0.5, temperature=1.5, where=where)
+  np.testing.assert_allclose(results["tiled"][0], want, rtol=1e-5, atol=1e-6)
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
+  jax.tree.map(chex_close, results["tiled"], results["naive"])

@@ -22,8 +22,22 @@ from kdjax.losses.logits import (
 )
 from kdjax.losses.sparse import teacher_topk, topk_divergence
 
+# The divergences by the name a config gives them. An explicit table, so an unknown name fails with
+# the list of known ones instead of whatever attribute happens to exist.
+DIVERGENCES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "generalized_jsd": generalized_jsd,
+    "total_variation": total_variation,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "adaptive_kl": adaptive_kl,
+    "ab_divergence": ab_divergence,
+    "hinton_kd": hinton_kd,
+}
+
 __all__ = [
-    "ab_divergence", "adaptive_kl", "align_vocab", "cross_entropy", "deit_hard_distillation",
+    "DIVERGENCES", "ab_divergence", "adaptive_kl", "align_vocab", "cross_entropy", "deit_hard_distillation",
     "deit_soft_distillation", "dist", "dkd", "forward_kl", "generalized_jsd", "hinton_kd",
     "mask_vocab", "masked_mean", "masked_sum_count", "reverse_kl", "safe_mean", "skew_kl",
     "skew_reverse_kl", "standardize_logits", "teacher_topk", "topk_divergence", "total_variation",
