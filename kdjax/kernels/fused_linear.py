@@ -110,10 +110,6 @@ def _add_head_product(grad_head: Array, h_s: Array, fresh: Array, dlogits: Array
   return jax.lax.fori_loop(0, num_tiles, step, grad_head)
 
 
-def _value_scale(div: Divergence, temperature):
-  return temperature**2 if div.t_squared else 1.0
-
-
 def _sweep(div, hidden_s, head_s, hidden_t, head_t, temperature, keep, chunk, tile, softcap, with_grads):
   """One pass over token chunks: the values `[N]` and, with `with_grads`, the residuals of the VJP.
 
@@ -124,19 +120,18 @@ def _sweep(div, hidden_s, head_s, hidden_t, head_t, temperature, keep, chunk, ti
   n, num_vocab = hidden_s.shape[0], head_s.shape[1]
   num_chunks, size, rows = _spans(n, chunk)
   dtype = jnp.result_type(hidden_s, head_s)
-  value_scale = _value_scale(div, temperature)
 
   def step(j, carry):
     start, fresh = rows(j)
     keep_c, h_s, z_s, z_t = _chunk_inputs(hidden_s, head_s, hidden_t, head_t, keep, start, size)
     d, g_sum, lse_s, lse_t = row_statistics(div, scale_logits(z_s, temperature, softcap),
                                             scale_logits(z_t, temperature, softcap), tile=tile)
-    values = _put(carry[0], jnp.where(keep_c, d * value_scale, 0.0), start)
+    values = _put(carry[0], d * div.row_factor(keep_c, temperature), start)
     if not with_grads:
       return (values,)
     _, stat_buffers, grad_hidden, grad_head = carry
     stats = (g_sum, lse_s, lse_t)
-    dlogits = _logit_grad(div, z_s, z_t, stats, jnp.where(keep_c, value_scale / temperature, 0.0),
+    dlogits = _logit_grad(div, z_s, z_t, stats, div.grad_row_scale(keep_c, temperature, 1.0),
                           temperature=temperature, tile=tile, softcap=softcap, dtype=dtype)
     stat_buffers = tuple(_put(b, x, start) for b, x in zip(stat_buffers, stats))
     grad_hidden = _put(grad_hidden, jnp.einsum("cv,hv->ch", dlogits, head_s, preferred_element_type=jnp.float32),
@@ -192,7 +187,7 @@ def _fused_bwd(div, chunk, tile, softcap, residuals, cotangent):
   any_kept = jnp.any(keep)
   ct_max = jnp.max(jnp.where(keep, cotangent, -jnp.inf))
   uniform = (ct_max == jnp.min(jnp.where(keep, cotangent, jnp.inf))) | ~any_kept
-  row_scale = kept_ct * _value_scale(div, temperature) / temperature
+  row_scale = div.grad_row_scale(keep, temperature, kept_ct)
   # Not a lax.cond: its result would get a buffer of its own, a second [Hs, V] float32 array. Here
   # one buffer goes through: the unit gradient scaled in place, or zeroed and rebuilt by a chunk
   # loop whose trip count is 0 on the uniform path.

@@ -168,14 +168,13 @@ def _pallas(div: Divergence, student: Array, teacher: Array, temperature: Array,
 
 def _pallas_fwd(div, student, teacher, temperature, keep, layout, softcap):
   d, g, lse_s, lse_t = _row_statistics(div, student, teacher, temperature, layout, softcap)
-  factor = jnp.where(keep, temperature**2 if div.t_squared else 1.0, 0.0)
-  return d * factor, (student, teacher, temperature, keep, g, lse_s, lse_t)
+  return d * div.row_factor(keep, temperature), (student, teacher, temperature, keep, g, lse_s, lse_t)
 
 
 def _pallas_bwd(div, layout, softcap, residuals, cotangent):
   student, teacher, temperature, keep, g_sum, lse_s, lse_t = residuals
   # dD/dz_s = (g − q·G) / T · (T² for Hinton's form) · softcap'(z_s), per row times the cotangent.
-  row_scale = jnp.where(keep, cotangent * (temperature**2 if div.t_squared else 1.0) / temperature, 0.0)
+  row_scale = div.grad_row_scale(keep, temperature, cotangent)
   grad = _student_grad(div, student, teacher, temperature, lse_s, lse_t, g_sum, row_scale, layout, softcap)
   # The teacher is a constant of the fused losses; T and the mask get no gradient either.
   return grad, None, None, None

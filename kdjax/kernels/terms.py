@@ -137,6 +137,19 @@ class Divergence:
   coefficient: float = 0.0
   t_squared: bool = False
 
+  def value_scale(self, temperature):
+    """T² for Hinton's form, else 1: the factor on the value (and so on its gradient)."""
+    return temperature**2 if self.t_squared else 1.0
+
+  def row_factor(self, keep: Array, temperature) -> Array:
+    """Per-row factor on Σ_v f: `value_scale`, and 0 on dropped rows."""
+    return jnp.where(keep, self.value_scale(temperature), 0.0)
+
+  def grad_row_scale(self, keep: Array, temperature, cotangent: Array) -> Array:
+    """Per-row factor on (g − q·G) in the backward pass: cotangent · value_scale / T (∂s/∂z_s is
+    1/T), and 0 on dropped rows."""
+    return jnp.where(keep, cotangent * self.value_scale(temperature) / temperature, 0.0)
+
   def value_terms(self, log_p: Array, log_q: Array) -> Array:
     return self.term(log_p, log_q, self.coefficient)
 

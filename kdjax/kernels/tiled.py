@@ -148,14 +148,13 @@ def _tiled(div: Divergence, student: Array, teacher: Array, temperature, keep: A
 def _tiled_fwd(div, student, teacher, temperature, keep, tile, softcap):
   s, t = scale_logits(student, temperature, softcap), scale_logits(teacher, temperature, softcap)
   d, g, lse_s, lse_t = row_statistics(div, s, t, tile=tile)
-  factor = jnp.where(keep, temperature**2 if div.t_squared else 1.0, 0.0)
-  return d * factor, (student, teacher, temperature, keep, g, lse_s, lse_t)
+  return d * div.row_factor(keep, temperature), (student, teacher, temperature, keep, g, lse_s, lse_t)
 
 
 def _tiled_bwd(div, tile, softcap, residuals, cotangent):
   student, teacher, temperature, keep, g_sum, lse_s, lse_t = residuals
   # dD/dz_s = (g − q·G) / T · (T² for Hinton's form) · softcap'(z_s), per row times the cotangent.
-  row_scale = jnp.where(keep, cotangent * (temperature**2 if div.t_squared else 1.0) / temperature, 0.0)
+  row_scale = div.grad_row_scale(keep, temperature, cotangent)
   grad = grad_into(div, student, teacher, temperature=temperature, softcap=softcap, lse_s=lse_s, lse_t=lse_t,
                    g_sum=g_sum, row_scale=row_scale, tile=tile)
   # The teacher is a constant of the fused losses; T and the mask get no gradient either.

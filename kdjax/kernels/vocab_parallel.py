@@ -81,7 +81,7 @@ def _make(div: Divergence, mesh: Mesh, axis: str, row_axes: tuple[str, ...], til
     lse_s, lse_t = combine_lse(ms, ls, axis), combine_lse(mt, lt, axis)
     d, g = tiled.term_sums(div, s, t, lse_s, lse_t, tile=tile)
     d, g = jax.lax.psum(d, axis), jax.lax.psum(g, axis)
-    d = d * jnp.where(keep, temperature**2 if div.t_squared else 1.0, 0.0)
+    d = d * div.row_factor(keep, temperature)
     return d, g, lse_s, lse_t
 
   forward = jax.shard_map(local_forward, mesh=mesh, in_specs=(logits_spec, logits_spec, P(), row_spec),
@@ -104,7 +104,7 @@ def _make(div: Divergence, mesh: Mesh, axis: str, row_axes: tuple[str, ...], til
 
   def fn_bwd(residuals, cotangent):
     student, teacher, temperature, keep, g_sum, lse_s, lse_t = residuals
-    row_scale = jnp.where(keep, cotangent * (temperature**2 if div.t_squared else 1.0) / temperature, 0.0)
+    row_scale = div.grad_row_scale(keep, temperature, cotangent)
     return backward(student, teacher, temperature, lse_s, lse_t, g_sum, row_scale), None, None, None
 
   fn.defvjp(fn_fwd, fn_bwd)
