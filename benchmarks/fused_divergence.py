@@ -63,12 +63,17 @@ def _emit(record: dict) -> dict:
   return record
 
 
-def _available_bytes() -> int:
-  with open("/proc/meminfo") as f:
+def _proc_kib_field(path: str, key: str) -> int:
+  """A `key: N kB` line of a /proc file, in bytes."""
+  with open(path) as f:
     for line in f:
-      if line.startswith("MemAvailable:"):
+      if line.startswith(key + ":"):
         return int(line.split()[1]) * 1024
-  raise RuntimeError("no MemAvailable in /proc/meminfo")
+  raise RuntimeError(f"no {key} in {path}")
+
+
+def _available_bytes() -> int:
+  return _proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _fits(need: int, args) -> tuple[bool, str]:
@@ -278,11 +283,7 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError("no VmHWM in /proc/self/status")
+  return _proc_kib_field("/proc/self/status", "VmHWM")
 
 
 def _reset_peak_rss() -> bool:
