@@ -51,9 +51,11 @@ def get_config(arg=None):
   )
   # Loss = (1 - kd_weight) * CE(labels) + kd_weight * KL(teacher || student) at temperature T.
   # implementation: how the divergence is computed ('auto': Pallas kernel on GPU/TPU, else the
-  # tiled twin or the naive loss by size; see kdjax/kernels/api.py).
+  # tiled twin or the naive loss by size; see kdjax/kernels/api.py). fused_head: True hands the loss
+  # hidden states and the lm heads, and the logits are formed chunk by chunk; 'auto' does so from a
+  # 32k vocabulary on (kdjax.distill.strategies.FUSED_HEAD_MIN_VOCAB), so byte-level models use logits.
   config.distill = dict(divergence="forward_kl", kd_weight=arg.kd_weight, temperature=arg.temperature,
-                        divergence_kwargs={}, implementation="auto")
+                        divergence_kwargs={}, implementation="auto", fused_head="auto")
 
   if arg.runlocal:
     config.data.seq_len = 32

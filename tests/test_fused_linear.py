@@ -4,7 +4,8 @@ The reference is `kdjax.losses.<name>(h_s @ W_s, h_t @ W_t, ...)` differentiated
 tokens in chunks of 8 (the last chunk clamped onto the previous one) and V = 301 in tiles of 64 (the
 last tile clamped too). Two reductions reach the backward pass: a masked mean, whose cotangent is
 uniform over the kept rows (the head gradient of the forward pass is reused), and a sum with random
-per-token weights (the head gradient is recomputed chunk by chunk).
+per-token weights (the head gradient is recomputed chunk by chunk). The last section tests the
+hard-label cross-entropy on the same machinery against `losses.cross_entropy(h @ W, y)`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import losses
+from kdjax import kernels, losses
 from kdjax.kernels import fused_linear
-from kdjax.kernels.fused_linear import fused_linear_divergence
+from kdjax.kernels.fused_linear import fused_linear_cross_entropy, fused_linear_divergence
 from kdjax.kernels.terms import divergence
 from kdjax.kernels.tiled import tiled_divergence
 
@@ -209,3 +210,111 @@ def test_rejects_mismatched_shapes():
     fused_linear_divergence(div, batch["hs"], batch["ws"], batch["ht"][:-1], batch["wt"])
   with pytest.raises(ValueError, match="`where`"):
     fused_linear_divergence(div, batch["hs"], batch["ws"], batch["ht"], batch["wt"], where=batch["keep"][:-1])
+
+
+# fused_linear_cross_entropy: the hard-label term, against kdjax.losses.cross_entropy on h @ W.
+
+
+def _labels(seed, keep):
+  """Ids in [0, V) on kept tokens and the ignore index −100 on dropped ones (never looked at)."""
+  labels = np.random.default_rng(seed).integers(0, V, N)
+  return jnp.asarray(np.where(np.asarray(keep), labels, -100), jnp.int32)
+
+
+def _naive_ce(labels, keep, softcap=None):
+  def loss(hs, ws):
+    logits = hs @ ws
+    logits = logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+    return losses.cross_entropy(logits, labels, where=keep)
+  return loss
+
+
+CE_CASES = [(CHUNK, TILE, None), (5, 300, 4.0), (64, 512, None), (37, 301, 2.0)]
+
+
+@pytest.mark.parametrize("token_chunk,vocab_tile,softcap", CE_CASES, ids=["ragged", "ragged_softcap", "one_chunk",
+                                                                            "exact_softcap"])
+def test_cross_entropy_matches_naive_composition(token_chunk, vocab_tile, softcap):
+  """Values and the (h, W) gradients of a masked mean (uniform cotangent) and of a weighted sum
+  (recomputed head gradient) equal the naive loss on materialised logits; dropped tokens give 0."""
+  batch = _batch(10)
+  labels = _labels(10, batch["keep"])
+  fused = lambda hs, ws: fused_linear_cross_entropy(hs, ws, labels, where=batch["keep"], token_chunk=token_chunk,
+                                                    vocab_tile=vocab_tile, softcap=softcap)
+  values, mean_grads, weighted_grads = _outputs(fused, batch)
+  ref_values, ref_mean_grads, ref_weighted_grads = _outputs(_naive_ce(labels, batch["keep"], softcap), batch)
+  np.testing.assert_allclose(values, ref_values, rtol=RTOL, atol=ATOL)
+  _assert_grads_close(mean_grads, ref_mean_grads)
+  _assert_grads_close(weighted_grads, ref_weighted_grads)
+  dropped = ~np.asarray(batch["keep"])
+  assert np.all(np.asarray(values)[dropped] == 0.0)
+  assert np.all(np.asarray(mean_grads[0])[dropped] == 0.0)
+
+
+def test_cross_entropy_garbage_rows_and_gradient_paths(monkeypatch):
+  """NaN hidden states of dropped tokens reach nothing; a masked mean reuses the forward pass's head
+  gradient (exact with the recomputation poisoned) while per-token weights recompute it."""
+  batch = _batch(11)
+  labels = _labels(11, batch["keep"])
+  fused = lambda hs, ws: fused_linear_cross_entropy(hs, ws, labels, where=batch["keep"], token_chunk=CHUNK,
+                                                    vocab_tile=TILE)
+  clean = _outputs(fused, batch)
+  dropped = ~np.asarray(batch["keep"])
+  garbage = _outputs(fused, dict(batch, hs=batch["hs"].at[dropped].set(jnp.nan)))
+  np.testing.assert_array_equal(garbage[0], clean[0])
+  for ours, reference in zip(garbage[1:], clean[1:]):
+    assert all(np.all(np.isfinite(g)) for g in ours)
+    _assert_grads_close(ours, reference, rtol=1e-6)
+
+  recompute = fused_linear._add_head_grad
+  monkeypatch.setattr(fused_linear, "_add_head_grad",
+                      lambda *args, run, **kwargs: recompute(*args, run=run, **kwargs) + jnp.where(run, jnp.nan, 0.0))
+  values, mean_grads, weighted_grads = _outputs(fused, batch)
+  _assert_grads_close(mean_grads, clean[1], rtol=1e-6)
+  _assert_grads_close(weighted_grads[:1], clean[2][:1], rtol=1e-6)
+  assert np.all(np.isnan(weighted_grads[1]))
+
+
+def test_cross_entropy_bfloat16_hidden_states():
+  """bf16 hidden states: float32 logits, the hidden-state gradient back in bf16."""
+  batch = _batch(12, hidden_dtype=jnp.bfloat16)
+  labels = _labels(12, batch["keep"])
+  fused = lambda hs, ws: fused_linear_cross_entropy(hs, ws, labels, where=batch["keep"], token_chunk=CHUNK,
+                                                    vocab_tile=TILE)
+  values, mean_grads, weighted_grads = _outputs(fused, batch)
+  ref_values, ref_mean_grads, ref_weighted_grads = _outputs(_naive_ce(labels, batch["keep"]), batch)
+  assert values.dtype == jnp.float32 and mean_grads[0].dtype == jnp.bfloat16 and mean_grads[1].dtype == jnp.float32
+  np.testing.assert_allclose(values, ref_values, rtol=RTOL, atol=ATOL)
+  _assert_grads_close(mean_grads, ref_mean_grads, rtol=1e-2)
+  _assert_grads_close(weighted_grads, ref_weighted_grads, rtol=1e-2)
+
+
+def test_cross_entropy_labels_and_dispatch():
+  """Concrete out-of-range labels of kept tokens raise (dropped ones may hold anything); a traced one
+  gives NaN on its row only; the public wrapper's 'naive' and streamed versions agree."""
+  batch = _batch(13)
+  keep = batch["keep"]
+  labels = _labels(13, keep)
+  hs, ws = batch["hs"], batch["ws"]
+  with pytest.raises(ValueError, match=r"labels of kept tokens must lie in \[0, 301\)"):
+    fused_linear_cross_entropy(hs, ws, labels.at[0].set(V))
+  with pytest.raises(ValueError, match="must lie in"):
+    fused_linear_cross_entropy(hs, ws, labels.at[0].set(-1), where=keep)
+  with pytest.raises(ValueError, match="must lie in"):
+    fused_linear_cross_entropy(hs, ws, labels)  # the −100 of dropped rows count when nothing is dropped
+  with pytest.raises(ValueError, match="integer"):
+    fused_linear_cross_entropy(hs, ws, labels.astype(jnp.float32), where=keep)
+  with pytest.raises(ValueError, match="labels"):
+    fused_linear_cross_entropy(hs, ws, labels[:-1], where=keep)
+
+  traced = jax.jit(lambda y: fused_linear_cross_entropy(hs, ws, y, where=keep, token_chunk=CHUNK, vocab_tile=TILE))
+  values = np.asarray(traced(labels.at[0].set(V)))
+  assert np.isnan(values[0]) and np.all(np.isfinite(values[1:]))
+
+  results = {}
+  for implementation in ("naive", "tiled"):
+    fn = lambda h, w: kernels.fused_linear_cross_entropy(  # noqa: E731
+        h, w, labels, where=keep, implementation=implementation, softcap=3.0, token_chunk=CHUNK, tile=TILE)
+    results[implementation] = (fn(hs, ws), jax.grad(lambda h, w: jnp.sum(fn(h, w) * batch["weights"]), (0, 1))(hs, ws))
+  np.testing.assert_allclose(results["tiled"][0], results["naive"][0], rtol=RTOL, atol=ATOL)
+  _assert_grads_close(results["tiled"][1], results["naive"][1])

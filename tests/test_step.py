@@ -186,3 +186,52 @@ def test_config_errors_name_the_problem():
     mesh = sharding_lib.make_mesh({"data": 1, "model": 8})
     # attn/q is [d_model 16, heads 2, head_dim 8]: 2 heads cannot split over 8 devices.
     state_lib.create_sharded_model(lambda: DecoderLM(STUDENT, rngs=nnx.Rngs(0)), mesh, [(r".*attn/q", (None, "model"))])
+
+
+@pytest.mark.parametrize("implementation", ["tiled", "naive"])
+def test_fused_head_step_equals_the_logits_step(implementation):
+  """`HeadDistillation` (hidden states + heads, logits formed chunk by chunk) takes the same step as
+  `LogitDistillation` on materialised logits, on 8 data-parallel devices."""
+  mesh = sharding_lib.make_mesh({"data": 8})
+  config = dict(divergence="generalized_jsd", divergence_kwargs={"beta": 0.3}, kd_weight=0.6, temperature=2.0)
+  results = []
+  for fused_head in (False, True):
+    strategy = strategies.strategy_from_config(ml_collections.ConfigDict(dict(
+        config, fused_head=fused_head, implementation=implementation if fused_head else "naive")))
+    assert strategy.uses_head == fused_head
+    optimizer = optax.sgd(0.1)
+    s_graph, s_params = state_lib.create_sharded_model(lambda: DecoderLM(STUDENT, rngs=nnx.Rngs(0)), mesh)
+    t_graph, t_params = state_lib.create_sharded_model(lambda: DecoderLM(TEACHER, rngs=nnx.Rngs(1)), mesh)
+    state = state_lib.create_train_state(s_params, optimizer, seed=0, mesh=mesh)
+    step = step_lib.make_distill_step(
+        state=state, teacher_params=t_params, mesh=mesh, student_forward=step_lib.lm_forward(s_graph, head=fused_head),
+        teacher_forward=step_lib.lm_forward(t_graph, head=fused_head), strategy=strategy, optimizer=optimizer)
+    for i in range(2):
+      state, metrics = step(state, sharding_lib.shard_batch(_batch(i), mesh), t_params)
+    results.append((jax.device_get(state.params), {k: float(metrics[k][0]) for k in ("loss", "ce", "kd", "grad_norm")}))
+  (logit_params, logit_metrics), (head_params, head_metrics) = results
+  for key in logit_metrics:
+    np.testing.assert_allclose(head_metrics[key], logit_metrics[key], rtol=1e-5, err_msg=key)
+  chex.assert_trees_all_close(head_params, logit_params, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_head_auto_follows_the_vocabulary_and_the_loss():
+  build = lambda vocab_size, **cfg: strategies.strategy_from_config(  # noqa: E731
+      ml_collections.ConfigDict(dict(dict(divergence="forward_kl"), **cfg)), vocab_size=vocab_size)
+  large = strategies.FUSED_HEAD_MIN_VOCAB
+  assert not build(256).uses_head and not build(None).uses_head
+  assert build(large).uses_head and build(large, fused_head="auto").uses_head
+  assert not build(large, fused_head="False").uses_head and build(256, fused_head="True").uses_head
+  # A loss the fused head cannot compute keeps the logits under 'auto'.
+  assert not build(large, divergence="adaptive_kl").uses_head
+  assert not build(large, label_smoothing=0.1).uses_head
+  with pytest.raises(ValueError, match="fused_head must be"):
+    build(large, fused_head="sometimes")
+
+
+def test_fused_head_config_errors():
+  with pytest.raises(ValueError, match="fused family"):
+    strategies.strategy_from_config(ml_collections.ConfigDict(dict(divergence="adaptive_kl", fused_head=True)))
+  with pytest.raises(ValueError, match="label_smoothing"):
+    strategies.strategy_from_config(ml_collections.ConfigDict(dict(divergence="forward_kl", fused_head=True,
+                                                                   label_smoothing=0.1)))

@@ -69,33 +69,99 @@ class LogitDistillation:
   def uses_teacher(self) -> bool:
     return self.divergence is not None
 
+  uses_head = False  # the step hands it logits (see `HeadDistillation` for hidden states + head)
+
   def __call__(self, student_out, teacher_out, batch, step):
     logits = student_out["logits"]
     mask = batch["mask"].astype(bool)
     ce = losses.cross_entropy(logits, batch["targets"], where=mask, label_smoothing=self.label_smoothing)
-    ce_sum, count = losses.masked_sum_count(ce, mask)
-    metrics: Metrics = {"ce": (ce_sum, count)}
-    metrics["accuracy"] = losses.masked_sum_count(
-        (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32), mask)
-    if not self.uses_teacher:
-      metrics["loss"] = (ce_sum, count)
-      return losses.safe_mean(ce_sum, count), metrics
+    metrics: Metrics = {"accuracy": losses.masked_sum_count(
+        (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32), mask)}
+    divergence = None
+    if self.uses_teacher:
+      teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
+      metrics["teacher_agreement"] = losses.masked_sum_count(
+          (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32), mask)
+      divergence = lambda temperature: self.divergence(  # noqa: E731
+          logits, teacher_logits, temperature=temperature, where=mask, **dict(self.divergence_kwargs))
+    return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, metrics)
 
-    alpha = _as_schedule(self.kd_weight)(step)
-    temperature = _as_schedule(self.temperature)(step)
-    teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
-    kd = self.divergence(logits, teacher_logits, temperature=temperature, where=mask,
-                         **dict(self.divergence_kwargs))
-    kd_sum, _ = losses.masked_sum_count(kd, mask)
-    total_sum = (1.0 - alpha) * ce_sum + alpha * kd_sum
-    metrics["kd"] = (kd_sum, count)
-    metrics["loss"] = (total_sum, count)
-    metrics["teacher_agreement"] = losses.masked_sum_count(
-        (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32), mask)
-    one = jnp.ones((), jnp.float32)
-    metrics["kd_weight"] = (jnp.asarray(alpha, jnp.float32), one)
-    metrics["temperature"] = (jnp.asarray(temperature, jnp.float32), one)
-    return losses.safe_mean(total_sum, count), metrics
+
+@dataclasses.dataclass(frozen=True)
+class HeadDistillation:
+  """`LogitDistillation`'s objective from hidden states and lm heads: the logits never exist.
+
+  The model outputs are `{'features': h [..., H], 'head': W [H, V]}` (`kdjax.train.step.lm_forward`
+  with `head=True`); the hard-label term is `kdjax.kernels.fused_linear_cross_entropy` and the
+  divergence `kdjax.kernels.fused_linear_divergence`, both formed token chunk by token chunk. This is
+  the strategy for a large vocabulary, where `[tokens, V]` float32 logits of two models do not fit.
+  No accuracy or top-1 agreement is reported (they would need the logits).
+
+  Attributes:
+    divergence: a name of the fused family (`kdjax.kernels.NAMES`), or None for CE only.
+    kd_weight: α as a schedule (a float is a constant).
+    temperature: T as a schedule.
+    divergence_kwargs: beta / alpha of the divergence, as a tuple of pairs.
+    implementation: 'naive' materialises the logits (a reference); anything else streams them.
+  """
+
+  divergence: Optional[str] = None
+  kd_weight: Any = 0.5
+  temperature: Any = 1.0
+  divergence_kwargs: tuple[tuple[str, Any], ...] = ()
+  implementation: str = "auto"
+
+  uses_head = True
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.divergence is not None
+
+  def __call__(self, student_out, teacher_out, batch, step):
+    hidden, head = student_out["features"], student_out["head"]
+    positions = hidden.shape[:-1]
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    mask = batch["mask"].astype(bool)
+    keep = mask.reshape(-1)
+    ce = kernels.fused_linear_cross_entropy(flat(hidden), head, batch["targets"].reshape(-1), where=keep,
+                                            implementation=self.implementation).reshape(positions)
+    divergence = None
+    if self.uses_teacher:
+      teacher_hidden = jax.lax.stop_gradient(teacher_out["features"])
+      teacher_head = jax.lax.stop_gradient(teacher_out["head"])
+      divergence = lambda temperature: kernels.fused_linear_divergence(  # noqa: E731
+          flat(hidden), head, flat(teacher_hidden), teacher_head, divergence=self.divergence,
+          temperature=temperature, where=keep, implementation=self.implementation,
+          **dict(self.divergence_kwargs)).reshape(positions)
+    return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, {})
+
+
+def _objective(ce: Array, divergence: Optional[Callable[[Any], Array]], mask: Array, step, kd_weight,
+               temperature, metrics: Metrics) -> tuple[Array, Metrics]:
+  """(1 − α)·CE + α·D averaged over kept tokens, with the metrics of both strategies.
+
+  Args:
+    ce: per-position hard-label cross-entropy.
+    divergence: `temperature -> per-position divergence`, or None for CE only.
+    mask: boolean positions to keep.
+    step: the training step (for the schedules).
+    kd_weight: α (a schedule or a constant).
+    temperature: T (a schedule or a constant).
+    metrics: the caller's extra (sum, count) metrics, completed here.
+  """
+  ce_sum, count = losses.masked_sum_count(ce, mask)
+  metrics = dict(metrics, ce=(ce_sum, count))
+  if divergence is None:
+    metrics["loss"] = (ce_sum, count)
+    return losses.safe_mean(ce_sum, count), metrics
+  alpha = _as_schedule(kd_weight)(step)
+  t = _as_schedule(temperature)(step)
+  kd_sum, _ = losses.masked_sum_count(divergence(t), mask)
+  total_sum = (1.0 - alpha) * ce_sum + alpha * kd_sum
+  one = jnp.ones((), jnp.float32)
+  metrics.update(kd=(kd_sum, count), loss=(total_sum, count), kd_weight=(jnp.asarray(alpha, jnp.float32), one),
+                 temperature=(jnp.asarray(t, jnp.float32), one))
+  return losses.safe_mean(total_sum, count), metrics
 
 
 def _as_schedule(value):
@@ -114,26 +180,55 @@ def divergence_with_implementation(name: str, implementation: str = "auto") -> C
   return divergence_by_name(name)
 
 
-def strategy_from_config(config: ml_collections.ConfigDict) -> LogitDistillation:
+# From this vocabulary size on, `fused_head='auto'` streams the logits: two models' float32
+# `[tokens, V]` logits, probabilities and gradients then dominate a step's memory (at V = 32k and
+# 8k tokens of a batch, ~1 GiB per array).
+FUSED_HEAD_MIN_VOCAB = 32768
+
+
+def strategy_from_config(config: ml_collections.ConfigDict, *,
+                         vocab_size: Optional[int] = None) -> LogitDistillation | HeadDistillation:
   """Builds a strategy from `config.distill` (None or an empty divergence means CE only).
 
   Keys: divergence (a name in DIVERGENCES or None), kd_weight, temperature (numbers or schedule
-  configs, see `kdjax.distill.schedules`), divergence_kwargs (dict), label_smoothing, and
+  configs, see `kdjax.distill.schedules`), divergence_kwargs (dict), label_smoothing,
   implementation ('auto', 'pallas', 'tiled' or 'naive': how a divergence of the fused family is
-  computed, see `kdjax.kernels.api`).
+  computed, see `kdjax.kernels.api`), and fused_head: True gives `HeadDistillation` (the models
+  hand the step hidden states and their heads instead of logits), False `LogitDistillation`, and
+  'auto' (the default) the former for a vocabulary of at least `FUSED_HEAD_MIN_VOCAB` when the
+  loss allows it (a divergence of the fused family, no label smoothing).
+
+  Args:
+    config: the `distill` section.
+    vocab_size: the models' vocabulary, which 'auto' decides by (unknown: logits).
   """
   cfg = dict(config)
-  known = {"divergence", "kd_weight", "temperature", "divergence_kwargs", "label_smoothing", "implementation"}
+  known = {"divergence", "kd_weight", "temperature", "divergence_kwargs", "label_smoothing", "implementation",
+           "fused_head"}
   unknown = set(cfg) - known
   if unknown:
     raise ValueError(f"unknown distill config keys {sorted(unknown)}; known: {sorted(known)}")
   name = cfg.get("divergence")
   if name:
     divergence_by_name(name)  # an unknown name fails with the list of known ones
+  implementation = cfg.get("implementation", "auto")
+  common = dict(kd_weight=schedules.make_schedule(cfg.get("kd_weight", 0.5)),
+                temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
+                divergence_kwargs=tuple(sorted(dict(cfg.get("divergence_kwargs") or {}).items())))
+  # A string too: a command-line override of the config's 'auto' arrives as 'True' / 'False'.
+  fused_head = {"auto": "auto", "true": True, "false": False}.get(str(cfg.get("fused_head", "auto")).lower())
+  if fused_head is None:
+    raise ValueError(f"fused_head must be True, False or 'auto', got {cfg['fused_head']!r}")
+  fusable = (not name or name in kernels.NAMES) and not cfg.get("label_smoothing")
+  if fused_head == "auto":
+    fused_head = fusable and vocab_size is not None and vocab_size >= FUSED_HEAD_MIN_VOCAB
+  if fused_head:
+    if name and name not in kernels.NAMES:
+      raise ValueError(f"fused_head needs a divergence of the fused family {sorted(kernels.NAMES)}, got {name!r}")
+    if cfg.get("label_smoothing"):
+      raise ValueError("fused_head does not support label_smoothing (the fused cross-entropy is plain)")
+    kernels.resolve_implementation(implementation, 0)
+    return HeadDistillation(divergence=name or None, implementation=implementation, **common)
   return LogitDistillation(
-      divergence=divergence_with_implementation(name, cfg.get("implementation", "auto")) if name else None,
-      kd_weight=schedules.make_schedule(cfg.get("kd_weight", 0.5)),
-      temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
-      divergence_kwargs=tuple(sorted(dict(cfg.get("divergence_kwargs") or {}).items())),
-      label_smoothing=float(cfg.get("label_smoothing", 0.0)),
-  )
+      divergence=divergence_with_implementation(name, implementation) if name else None,
+      label_smoothing=float(cfg.get("label_smoothing", 0.0)), **common)

@@ -80,8 +80,8 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
     log(f"[{name}] {num_params:,} parameters, {train_cfg.steps} steps of {train_cfg.batch_size}x{data_cfg.seq_len} tokens")
     step_fn = step_lib.make_distill_step(
         state=state, teacher_params=None if teacher is None else teacher.params, mesh=mesh,
-        student_forward=step_lib.lm_forward(graphdef),
-        teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef),
+        student_forward=step_lib.lm_forward(graphdef, head=strategy.uses_head),
+        teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef, head=strategy.uses_head),
         strategy=strategy, optimizer=optimizer)
     state, _ = loop.fit(
         state=state, step_fn=step_fn, batches=batches, teacher_params=None if teacher is None else teacher.params,
@@ -164,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   results: dict[str, Any] = {"teacher": dict(evaluate(teacher, None), num_params=teacher.num_params,
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
-  kd = strategies.strategy_from_config(config.distill)
+  kd = strategies.strategy_from_config(config.distill, vocab_size=vocab)
   for name, strategy in (("student_ce", ce_only), ("student_kd", kd)):
     results[name] = []
     for seed in range(config.seed, config.seed + config.num_seeds):

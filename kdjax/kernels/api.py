@@ -4,8 +4,11 @@
                      where, implementation, **coefficients) -> [...]
     fused_linear_divergence(student_hidden [N, Hs], student_head [Hs, V], teacher_hidden [N, Ht],
                             teacher_head [Ht, V], *, ...) -> [N]   (logits formed chunk by chunk)
+    fused_linear_cross_entropy(hidden [N, H], head [H, V], labels [N], *, ...) -> [N]   (likewise)
+    fused_topk_divergence(student_logits [..., V], teacher_values [..., k], teacher_indices [..., k],
+                          *, divergence, tail, ...) -> [...]   (a sparse teacher, e.g. an offline cache)
 
-Both have the semantics of the functions of the same name in `kdjax.losses` (the student's
+All have the semantics of the functions of the same name in `kdjax.losses` (the student's
 gradient included; the teacher is a constant, as in a distillation step). `implementation`:
 
   * 'pallas': the Pallas kernel (`kdjax.kernels.pallas`; interpreted on CPU, which is slow);
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 
 from kdjax import losses
 from kdjax.losses import common
-from kdjax.kernels import fused_linear, terms, tiled
+from kdjax.kernels import fused_linear, terms, tiled, topk
 
 Array = jax.Array
 
@@ -127,3 +130,81 @@ def fused_linear_divergence(student_hidden: Array, student_head: Array, teacher_
   return fused_linear.fused_linear_divergence(div, student_hidden, student_head, teacher_hidden, teacher_head,
                                               temperature=temperature, where=where, token_chunk=token_chunk,
                                               vocab_tile=tile, softcap=softcap)
+
+
+def fused_linear_cross_entropy(hidden: Array, head: Array, labels: Array, *, where: Optional[Array] = None,
+                               implementation: str = "auto", softcap: Optional[float] = None, token_chunk: int = 256,
+                               tile: int = 4096) -> Array:
+  """The hard-label cross-entropy −log softmax(h·W)[y] per token, from hidden states and a head.
+
+  Equals `kdjax.losses.cross_entropy(hidden @ head, labels, where=where)` (the logits soft-capped
+  first if `softcap` is set). Implementations as in `fused_linear_divergence`: 'naive' materialises
+  the logits, any other value streams them (`kdjax.kernels.fused_linear.fused_linear_cross_entropy`,
+  which also rejects concrete out-of-range labels of kept tokens), and 'auto' streams once the
+  logits reach `TILED_MIN_ELEMENTS` off GPU and TPU.
+
+  Args:
+    hidden: h `[N, H]`.
+    head: W `[H, V]`.
+    labels: integer `[N]` ids in [0, V).
+    where: optional boolean `[N]` mask of tokens to keep.
+    implementation: 'naive' materialises the logits; any other value streams them.
+    softcap: if set, the logits become softcap·tanh(z / softcap) first.
+    token_chunk: tokens per chunk of the streamed version.
+    tile: vocabulary columns per step.
+
+  Returns:
+    float32 `[N]`; gradients reach `hidden` and `head`.
+  """
+  n, vocab = jnp.shape(hidden)[0], jnp.shape(head)[-1]
+  if resolve_implementation(implementation, n * vocab) == "naive":
+    # Dropped rows are zeroed before the cap, as in `fused_divergence`: tanh' of a garbage (NaN)
+    # logit would turn their zero cotangent into NaN.
+    logits = common.sanitize(jnp.matmul(hidden, head, preferred_element_type=jnp.float32), where)
+    if softcap is not None:
+      logits = softcap * jnp.tanh(logits / softcap)
+    return losses.cross_entropy(logits, labels, where=where)
+  return fused_linear.fused_linear_cross_entropy(hidden, head, labels, where=where, token_chunk=token_chunk,
+                                                 vocab_tile=tile, softcap=softcap)
+
+
+def fused_topk_divergence(student_logits: Array, teacher_values: Array, teacher_indices: Array, *,
+                          divergence: str = "forward_kl", tail: str = "renormalize", temperature=1.0,
+                          where: Optional[Array] = None, implementation: str = "auto", softcap: Optional[float] = None,
+                          tile: int = 2048, **coefficients) -> Array:
+  """A divergence of the family between a sparse top-k teacher and the full student, per position.
+
+  Generalises `kdjax.losses.topk_divergence` (forward and reverse KL) to the whole family, with the
+  same tail policies and the same value for those two (`kdjax.kernels.topk` has the mathematics).
+  ``renormalize`` works on the `[..., k]` support alone, the same computation for every
+  implementation; ``bucket`` streams the student's whole-vocabulary and tail log-normalisers with
+  the chosen implementation ('auto' as in `fused_divergence`, by the student's `[..., V]` size).
+
+  Args:
+    student_logits: `[..., V]`, any float dtype.
+    teacher_values: `[..., k]`: logits for ``renormalize``; log softmax(z_t / T) for ``bucket``
+      (`kdjax.losses.teacher_topk` makes both).
+    teacher_indices: integer `[..., k]` distinct ids in [0, V).
+    divergence, temperature, where, implementation, **coefficients: as in `fused_divergence`.
+    tail: ``renormalize`` or ``bucket``.
+    softcap: if set, the student's logits become softcap·tanh(z / softcap) first (the teacher's
+      values are taken as stored).
+    tile: vocabulary columns per step of the stream.
+
+  Returns:
+    float32 `[...]`; masked positions are 0 with zero gradient.
+  """
+  div = terms.divergence(divergence, **coefficients)
+  positions = jnp.shape(student_logits)[:-1]
+  common.check_where(where, positions)
+  for name, x in (("values", teacher_values), ("indices", teacher_indices)):
+    if jnp.shape(x)[:-1] != positions:
+      raise ValueError(f"teacher top-k {name} {jnp.shape(x)} do not match the student's positions {positions}")
+  vocab, k = jnp.shape(student_logits)[-1], jnp.shape(teacher_values)[-1]
+  chosen = resolve_implementation(implementation, math.prod(positions) * vocab)
+  flat = lambda x, width: jnp.reshape(x, (-1, width))  # noqa: E731
+  values = topk.topk_divergence(div, flat(student_logits, vocab), flat(teacher_values, k),
+                                flat(teacher_indices, jnp.shape(teacher_indices)[-1]), tail=tail,
+                                temperature=temperature, where=None if where is None else jnp.reshape(where, (-1,)),
+                                implementation=chosen, tile=tile, softcap=softcap)
+  return values.reshape(positions)

@@ -232,3 +232,122 @@ def pallas_divergence(div: Divergence, student_logits: Array, teacher_logits: Ar
                    jnp.asarray(temperature, jnp.float32), jnp.pad(keep, (0, rows - n)),
                    _Layout(v, block_rows, block_vocab, bool(interpret)), softcap)
   return values[:n]
+
+
+# The sparse (top-k) teacher's `bucket` tail (`kdjax.kernels.topk`): the student's log-normalisers
+# over the whole vocabulary and over the ids outside the teacher's support S, and their VJP. Same
+# semantics as `kdjax.kernels.tiled.support_lse` / `support_lse_grad`.
+
+
+def _in_support(indices_ref, ids: Array) -> Array:
+  """`[rows, cols]` bool: which vocabulary `ids` are among each row's indices `[rows, k]`.
+
+  A loop over the k support slots comparing against the tile: k compares per element, with no
+  scatter (which neither Triton nor Mosaic lowers).
+  """
+  def body(slot, found):
+    return found | (ids == indices_ref[:, pl.ds(slot, 1)])
+
+  return jax.lax.fori_loop(0, indices_ref.shape[1], body, jnp.zeros(ids.shape, bool))
+
+
+def _support_lse_kernel(temperature_ref, student_ref, indices_ref, lse_ref, tail_ref, *, softcap: Optional[float],
+                        vocab: int, block_vocab: int):
+  """Writes (lse, lse_tail) `[block_rows, 1]` of one row block; refs hold whole padded rows."""
+  rows, padded_vocab = student_ref.shape
+  temperature = temperature_ref[...]
+
+  def step(j, carry):
+    everything, tail = carry
+    start = pl.multiple_of(j * block_vocab, block_vocab)
+    s = scale_logits(student_ref[:, pl.ds(start, block_vocab)], temperature, softcap)
+    ids = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_vocab), 1)
+    if padded_vocab != vocab:
+      s = jnp.where(ids < vocab, s, -jnp.inf)
+    outside = jnp.where(_in_support(indices_ref, ids), -jnp.inf, s)
+    return online_lse_update(*everything, s), online_lse_update(*tail, outside)
+
+  empty = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
+  (m, l), (mt, lt) = jax.lax.fori_loop(0, padded_vocab // block_vocab, step, (empty, empty))
+  lse_ref[...], tail_ref[...] = (m + jnp.log(l))[:, None], (mt + jnp.log(lt))[:, None]
+
+
+def _support_grad_kernel(temperature_ref, student_ref, indices_ref, lse_ref, tail_ref, ct_lse_ref, ct_tail_ref,
+                         grad_ref, *, softcap: Optional[float], block_vocab: int):
+  """Writes one `[block_rows, block_vocab]` tile of the VJP of (lse, lse_tail) (see `support_lse_grad`)."""
+  temperature = temperature_ref[...]
+  raw = student_ref[...]
+  s = scale_logits(raw, temperature, softcap)
+  rows = raw.shape[0]
+  ids = pl.program_id(1) * block_vocab + jax.lax.broadcasted_iota(jnp.int32, (rows, block_vocab), 1)
+  tail = tail_ref[...]
+  has_tail = jnp.isfinite(tail)
+  outside = ~_in_support(indices_ref, ids) & has_tail
+  tail_term = jnp.where(outside, ct_tail_ref[...] * jnp.exp(s - jnp.where(has_tail, tail, 0.0)), 0.0)
+  tile = (ct_lse_ref[...] * jnp.exp(s - lse_ref[...]) + tail_term) * softcap_derivative(raw, softcap) / temperature
+  grad_ref[...] = tile.astype(grad_ref.dtype)
+
+
+def _support_layout(logits: Array, indices: Array, block_rows: int, block_vocab: int, interpret: Optional[bool]):
+  """(padded logits, padded indices, layout): rows and columns padded to whole blocks, the k slots
+  to a power of two (Triton's block shapes) with id −1, which matches no column."""
+  n, v = logits.shape
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  block_rows, block_vocab = _fit_block(block_rows, n), _fit_block(block_vocab, v)
+  rows, cols = max(-(-n // block_rows), 1) * block_rows, -(-v // block_vocab) * block_vocab
+  slots = pl.next_power_of_2(max(indices.shape[1], 1))
+  logits = jnp.pad(logits, ((0, rows - n), (0, cols - v)))
+  indices = jnp.pad(indices.astype(jnp.int32), ((0, rows - n), (0, slots - indices.shape[1])), constant_values=-1)
+  return logits, indices, _Layout(v, block_rows, block_vocab, bool(interpret))
+
+
+def pallas_support_lse(logits: Array, indices: Array, *, temperature, softcap: Optional[float] = None,
+                       block_rows: int = 8, block_vocab: int = 2048,
+                       interpret: Optional[bool] = None) -> tuple[Array, Array]:
+  """(lse, lse_tail) `[N]` of c(z)/T over all ids and over the ids outside each row's `indices` `[N, k]`."""
+  n = logits.shape[0]
+  logits, indices, layout = _support_layout(logits, indices, block_rows, block_vocab, interpret)
+  rows, padded_vocab = logits.shape
+  row_block = pl.BlockSpec((layout.block_rows, padded_vocab), lambda i: (i, 0))
+  index_block = pl.BlockSpec((layout.block_rows, indices.shape[1]), lambda i: (i, 0))
+  row_scalar = pl.BlockSpec((layout.block_rows, 1), lambda i: (i, 0))
+  kernel = functools.partial(_support_lse_kernel, softcap=softcap, vocab=layout.vocab, block_vocab=layout.block_vocab)
+  lse, tail = pl.pallas_call(
+      kernel,
+      grid=(rows // layout.block_rows,),
+      in_specs=[pl.BlockSpec((1, 1), lambda i: (0, 0)), row_block, index_block],
+      out_specs=[row_scalar] * 2,
+      out_shape=[jax.ShapeDtypeStruct((rows, 1), jnp.float32)] * 2,
+      interpret=layout.interpret,
+      compiler_params=_compiler_params(layout, 1),
+      name="support_lse_forward",
+  )(jnp.asarray(temperature, jnp.float32).reshape(1, 1), logits, indices)
+  return lse[:n, 0], tail[:n, 0]
+
+
+def pallas_support_lse_grad(logits: Array, indices: Array, *, temperature, softcap: Optional[float], lse: Array,
+                            lse_tail: Array, ct_lse: Array, ct_tail: Array, block_rows: int = 8,
+                            block_vocab: int = 2048, interpret: Optional[bool] = None) -> Array:
+  """The VJP of `pallas_support_lse` for cotangents (ct_lse, ct_tail) `[N]`: `[N, V]` in the logits' dtype."""
+  n, v = logits.shape
+  logits, indices, layout = _support_layout(logits, indices, block_rows, block_vocab, interpret)
+  rows, padded_vocab = logits.shape
+  block_rows, block_vocab = layout.block_rows, layout.block_vocab
+  tile = pl.BlockSpec((block_rows, block_vocab), lambda i, j: (i, j))
+  index_block = pl.BlockSpec((block_rows, indices.shape[1]), lambda i, j: (i, 0))
+  row_scalar = pl.BlockSpec((block_rows, 1), lambda i, j: (i, 0))
+  # Padded rows get lse 0 and zero cotangents: their (discarded) tiles stay finite.
+  pad = lambda x: jnp.pad(x.astype(jnp.float32), (0, rows - n))[:, None]  # noqa: E731
+  grad = pl.pallas_call(
+      functools.partial(_support_grad_kernel, softcap=softcap, block_vocab=block_vocab),
+      grid=(rows // block_rows, padded_vocab // block_vocab),
+      in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)), tile, index_block] + [row_scalar] * 4,
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+      interpret=layout.interpret,
+      compiler_params=_compiler_params(layout, 2),
+      name="support_lse_backward",
+  )(jnp.asarray(temperature, jnp.float32).reshape(1, 1), logits, indices, *(pad(x) for x in (lse, lse_tail, ct_lse,
+                                                                                          ct_tail)))
+  return grad[:n, :v]

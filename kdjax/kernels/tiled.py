@@ -186,3 +186,65 @@ def tiled_divergence(div: Divergence, student_logits: Array, teacher_logits: Arr
   teacher = jnp.where(keep[:, None], teacher_logits, 0)
   return _tiled(div, student, jax.lax.stop_gradient(teacher), jnp.asarray(temperature, jnp.float32), keep,
                 tile, softcap)
+
+
+# The sparse (top-k) teacher's `bucket` tail: the student's log-normalisers over the whole vocabulary
+# and over the ids outside the teacher's support S (`kdjax.kernels.topk` composes the divergence).
+
+
+def _support_mask(indices: Array, start, size: int) -> Array:
+  """`[N, size]` bool: which columns [start, start + size) are among each row's `indices` `[N, k]`."""
+  local = indices - start
+  # Ids outside the tile are sent to column `size`, which the scatter drops.
+  local = jnp.where((local >= 0) & (local < size), local, size)
+  rows = jnp.arange(indices.shape[0])[:, None]
+  return jnp.zeros((indices.shape[0], size), bool).at[rows, local].set(True, mode="drop")
+
+
+def support_lse(s: Array, indices: Array, *, tile: int) -> tuple[Array, Array]:
+  """(lse, lse_tail) per row of tempered logits `s` `[N, V]`: log Σ_v exp(s_v) and log Σ_{v∉S} exp(s_v).
+
+  The tail is summed over its own ids (masked per tile), not taken as a difference of the two sums,
+  which would lose every digit once the student puts nearly all its mass on S.
+  """
+  n, v = s.shape
+  num_tiles, take = _tiles(v, tile)
+  size = min(tile, v)
+
+  def step(carry, j):
+    everything, tail = carry
+    x, fresh = take(s, j)
+    x = jnp.where(fresh, x, -jnp.inf)
+    outside = jnp.where(_support_mask(indices, jnp.minimum(j * size, v - size), size), -jnp.inf, x)
+    return (online_lse_update(*everything, x), online_lse_update(*tail, outside)), None
+
+  start = (jnp.full_like(s[:, 0], -jnp.inf, jnp.float32), jnp.zeros_like(s[:, 0], jnp.float32))
+  ((m, l), (mt, lt)), _ = jax.lax.scan(step, (start, start), jnp.arange(num_tiles))
+  return m + jnp.log(l), mt + jnp.log(lt)
+
+
+def support_lse_grad(logits: Array, indices: Array, *, temperature, softcap: Optional[float], lse: Array,
+                     lse_tail: Array, ct_lse: Array, ct_tail: Array, tile: int) -> Array:
+  """The VJP of `support_lse` through the soft cap and T: `[N, V]` in the logits' dtype.
+
+  ∂lse/∂s_v = q_v and ∂lse_tail/∂s_v = [v ∉ S] exp(s_v − lse_tail), so the gradient of
+  a·lse + b·lse_tail for z is (a·q_v + b·[v ∉ S]·exp(s_v − lse_tail)) · softcap'(z_v) / T. A row
+  whose tail is empty (lse_tail = −inf) gets no tail term.
+  """
+  n, v = logits.shape
+  num_tiles, take = _tiles(v, tile)
+  size = min(tile, v)
+  has_tail = jnp.isfinite(lse_tail)
+  tail_shift = jnp.where(has_tail, lse_tail, 0.0)[:, None]
+  ct_tail = jnp.where(has_tail, ct_tail, 0.0)[:, None]
+
+  def step(j, grad):
+    raw, _ = take(logits, j)
+    s = scale_logits(raw, temperature, softcap)
+    start = jnp.minimum(j * size, v - size)
+    outside = ~_support_mask(indices, start, size) & has_tail[:, None]
+    tile_grad = ct_lse[:, None] * jnp.exp(s - lse[:, None]) + jnp.where(outside, ct_tail * jnp.exp(s - tail_shift), 0.0)
+    tile_grad = tile_grad * softcap_derivative(raw, softcap) / temperature
+    return jax.lax.dynamic_update_slice_in_dim(grad, tile_grad.astype(grad.dtype), start, axis=1)
+
+  return jax.lax.fori_loop(0, num_tiles, step, jnp.zeros_like(logits))

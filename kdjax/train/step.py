@@ -27,10 +27,20 @@ from kdjax.train.state import TrainState, state_shardings
 Forward = Callable[[Any, Mapping[str, jax.Array]], dict]
 
 
-def lm_forward(graphdef) -> Forward:
-  """A forward function `(params, batch) -> {'logits'}` for an NNX language model."""
+def lm_forward(graphdef, *, head: bool = False) -> Forward:
+  """A forward function `(params, batch) -> outputs` for an NNX language model.
+
+  Outputs are `{'logits'}`, or with `head=True` `{'features': h [B, L, H], 'head': W [H, V]}`
+  (`DecoderLM.features` / `head_weights`) for strategies that fuse the head into the loss
+  (`kdjax.distill.strategies.HeadDistillation`).
+  """
   def forward(params, batch):
-    return {"logits": nnx.merge(graphdef, params)(batch["inputs"])}
+    model = nnx.merge(graphdef, params)
+    if not head:
+      return {"logits": model(batch["inputs"])}
+    if getattr(model.config, "logit_softcap", None) is not None:
+      raise ValueError("a fused head does not apply the model's logit_softcap yet: use logits outputs")
+    return {"features": model.features(batch["inputs"]), "head": model.head_weights()}
   return forward
 
 
