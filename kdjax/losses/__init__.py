@@ -9,6 +9,7 @@ from kdjax.losses.divergences import (
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
+    taid,
     total_variation,
 )
 from kdjax.losses.logits import (
@@ -40,5 +41,5 @@ __all__ = [
     "DIVERGENCES", "ab_divergence", "adaptive_kl", "align_vocab", "cross_entropy", "deit_hard_distillation",
     "deit_soft_distillation", "dist", "dkd", "forward_kl", "generalized_jsd", "hinton_kd",
     "mask_vocab", "masked_mean", "masked_sum_count", "reverse_kl", "safe_mean", "skew_kl",
-    "skew_reverse_kl", "standardize_logits", "teacher_topk", "topk_divergence", "total_variation",
+    "skew_reverse_kl", "standardize_logits", "taid", "teacher_topk", "topk_divergence", "total_variation",
 ]

@@ -203,3 +203,42 @@ def ab_divergence(student_logits: Array, teacher_logits: Array, *, alpha: float 
     terms = 0.5 * (lp - lq) ** 2
   values = jnp.sum(jnp.where(present, terms, 0.0), axis=-1)
   return common.finish(values, where)
+
+
+def taid(student_logits: Array, teacher_logits: Array, *, interpolation, temperature=1.0,
+         where: Optional[Array] = None) -> Array:
+  """TAID's loss (Shing et al. 2025, "Temporally Adaptive Interpolated Distillation").
+
+  The target is an interpolation between the student and the teacher in logit space,
+
+      p_t = softmax(((1 − t)·stopgrad(z_s) + t·z_t) / T),    loss = −Σ_v p_t log q,
+
+  which starts near the student (t small) and moves to the teacher as t → 1. The value is the
+  cross-entropy H(p_t, q) = KL(p_t ‖ q) + H(p_t), not the KL: TAID's adaptive schedule of t
+  (`kdjax.distill.strategies.TAIDDistillation`) is driven by the relative change of this value.
+  The student gradient is (q − p_t)/T, that of forward KL to the moving target.
+
+  Args:
+    student_logits: `[..., V]`.
+    teacher_logits: `[..., V]`.
+    interpolation: t in [0, 1], a Python or traced scalar.
+    temperature: T (the paper uses 1).
+    where: optional boolean `[...]` mask of positions to keep.
+
+  Returns:
+    `[...]` float32 values.
+  """
+  common.check_pair(student_logits, teacher_logits)
+  common.check_where(where, jnp.shape(student_logits)[:-1])
+  student = common.sanitize(student_logits, where)
+  teacher = common.sanitize(teacher_logits, where)
+  t = jnp.asarray(interpolation, student.dtype)
+  # The student leg of the target is a constant: only the q side is trained. An id absent (−inf)
+  # from a model with a nonzero weight is absent from the target; 0·(−inf) must not make NaN.
+  absent_s, absent_t = jnp.isneginf(student), jnp.isneginf(teacher)
+  target = ((1.0 - t) * jnp.where(absent_s, 0.0, jax.lax.stop_gradient(student))
+            + t * jnp.where(absent_t, 0.0, teacher))
+  target = jnp.where((absent_s & (t < 1.0)) | (absent_t & (t > 0.0)), -jnp.inf, target)
+  p = jnp.exp(common.tempered_log_probs(target, temperature))
+  log_q = common.tempered_log_probs(student, temperature)
+  return common.finish(-jnp.sum(jnp.where(p > 0, p * log_q, 0.0), axis=-1), where)

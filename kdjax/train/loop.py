@@ -66,7 +66,7 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
       elapsed = time.perf_counter() - timed_from
       rate = timed_steps / elapsed if elapsed > 0 and timed_steps else float("nan")
       eta = (num_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-      extra = " ".join(f"{k} {values[k]:.4f}" for k in ("ce", "kd", "teacher_agreement") if k in values)
+      extra = " ".join(f"{k} {values[k]:.4f}" for k in ("ce", "kd", "teacher_agreement", "taid_t") if k in values)
       log(f"[{name}] step {done}/{num_steps} loss {values['loss']:.4f} {extra} grad_norm {values['grad_norm']:.3f} "
           f"| {rate * tokens_per_batch:,.0f} tok/s | ETA {_clock(eta) if eta == eta else '?'}")
       history.append((done, values))

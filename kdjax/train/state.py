@@ -23,12 +23,18 @@ from kdjax.train import sharding as sharding_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """What a distillation step updates. Teachers are never part of it."""
+  """What a distillation step updates. Teachers are never part of it.
+
+  `strategy_state` is the pytree of a stateful strategy (e.g. TAID's interpolation t and its
+  momentum; `kdjax.distill.strategies`), updated by the step and checkpointed with the rest;
+  an empty dict for stateless strategies.
+  """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  strategy_state: Any = flax.struct.field(default_factory=dict)
 
 
 def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
@@ -58,8 +64,12 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules
   return graphdef, params
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
-  """Wraps sharded params with a sharded optimizer state (same layout as the params)."""
+def create_train_state(params, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh,
+                       strategy=None) -> TrainState:
+  """Wraps sharded params with a sharded optimizer state (same layout as the params).
+
+  A `strategy` with an `init_state()` gets its state created here, replicated over the mesh.
+  """
   param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
   opt_abstract = jax.eval_shape(optimizer.init, params)
   # Optimizer moments mirror their parameters; scalars (counts) are replicated.
@@ -71,7 +81,14 @@ def create_train_state(params, optimizer: optax.GradientTransformation, seed: in
       params=params,
       opt_state=opt_state,
       rng=jax.device_put(jax.random.PRNGKey(seed), replicated),
+      strategy_state=jax.device_put(initial_strategy_state(strategy), replicated),
   )
+
+
+def initial_strategy_state(strategy) -> Any:
+  """The strategy's `init_state()` as float32 arrays, or {} for a stateless strategy."""
+  init = getattr(strategy, "init_state", None)
+  return {} if init is None else jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), init())
 
 
 def _mirror_shardings(opt_abstract, params, param_shardings, mesh):

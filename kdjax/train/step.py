@@ -59,10 +59,14 @@ def distill_step(state: TrainState, batch, teacher_params, *, student_forward: F
   if strategy.uses_teacher:
     teacher_out = jax.lax.stop_gradient(teacher_forward(teacher_params, batch))
 
+  stateful = hasattr(strategy, "init_state")
+  extra = {"state": state.strategy_state} if stateful else {}
+
   def loss_fn(params):
-    return strategy(student_forward(params, batch), teacher_out, batch, state.step)
+    return strategy(student_forward(params, batch), teacher_out, batch, state.step, **extra)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  strategy_state = strategy.update_state(state.strategy_state, metrics, state.step) if stateful else {}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   one = jnp.ones((), jnp.float32)
@@ -70,7 +74,7 @@ def distill_step(state: TrainState, batch, teacher_params, *, student_forward: F
   metrics["grad_norm"] = (optax.tree.norm(grads), one)
   metrics["param_norm"] = (optax.tree.norm(params), one)
   metrics["update_norm"] = (optax.tree.norm(updates), one)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state)
   return new_state, metrics
 
 
