@@ -171,7 +171,7 @@ def fused_linear_cross_entropy(hidden: Array, head: Array, labels: Array, *, whe
 def fused_topk_divergence(student_logits: Array, teacher_values: Array, teacher_indices: Array, *,
                           divergence: str = "forward_kl", tail: str = "renormalize", temperature=1.0,
                           where: Optional[Array] = None, implementation: str = "auto", softcap: Optional[float] = None,
-                          tile: int = 2048, **coefficients) -> Array:
+                          tile: int = 2048, teacher_tail: Optional[Array] = None, **coefficients) -> Array:
   """A divergence of the family between a sparse top-k teacher and the full student, per position.
 
   Generalises `kdjax.losses.topk_divergence` (forward and reverse KL) to the whole family, with the
@@ -190,12 +190,16 @@ def fused_topk_divergence(student_logits: Array, teacher_values: Array, teacher_
     softcap: if set, the student's logits become softcap·tanh(z / softcap) first (the teacher's
       values are taken as stored).
     tile: vocabulary columns per step of the stream.
+    teacher_tail: optional `[...]` log of the teacher's mass outside its top-k at T (``bucket``;
+      `kdjax.data.teacher_cache` stores it), replacing the floored 1 − Σ p.
 
   Returns:
     float32 `[...]`; masked positions are 0 with zero gradient.
   """
   div = terms.divergence(divergence, **coefficients)
   positions = jnp.shape(student_logits)[:-1]
+  if teacher_tail is not None and jnp.shape(teacher_tail) != positions:
+    raise ValueError(f"teacher_tail has shape {jnp.shape(teacher_tail)}, expected the positions {positions}")
   common.check_where(where, positions)
   for name, x in (("values", teacher_values), ("indices", teacher_indices)):
     if jnp.shape(x)[:-1] != positions:
@@ -206,5 +210,6 @@ def fused_topk_divergence(student_logits: Array, teacher_values: Array, teacher_
   values = topk.topk_divergence(div, flat(student_logits, vocab), flat(teacher_values, k),
                                 flat(teacher_indices, jnp.shape(teacher_indices)[-1]), tail=tail,
                                 temperature=temperature, where=None if where is None else jnp.reshape(where, (-1,)),
-                                implementation=chosen, tile=tile, softcap=softcap)
+                                implementation=chosen, tile=tile, softcap=softcap,
+                                teacher_tail=None if teacher_tail is None else jnp.reshape(teacher_tail, (-1,)))
   return values.reshape(positions)

@@ -11,7 +11,7 @@ The teacher is k (value, id) pairs per token, S its support; the student has ful
 * ``bucket``: o ∈ S ∪ {tail}, log q_v = s_v − lse, log q_tail = lse_tail − lse with
   lse = log Σ_v exp(s_v) and lse_tail = log Σ_{v∉S} exp(s_v); log p = values (the teacher's
   log-probabilities at T) and log p_tail = log max(1 − Σ_S p, k·ε_f32), the float32 floor of
-  `kdjax.losses.sparse`. The two log-normalisers are the only work over V: one stream of the
+  `kdjax.losses.sparse`, or the exact tail an offline cache stored (`teacher_tail`). The two log-normalisers are the only work over V: one stream of the
   student's row (`kdjax.kernels.tiled.support_lse`, or its Pallas kernel), the tail masked per
   tile rather than taken as a difference. Its VJP, by ∂lse/∂s_v = q_v and
   ∂lse_tail/∂s_v = [v∉S]·exp(s_v − lse_tail), is one more stream; the `[N, k + 1]` outcome
@@ -115,7 +115,8 @@ def check_topk(student_logits: Array, values: Array, indices: Array, where: Opti
 
 def topk_divergence(div: Divergence, student_logits: Array, teacher_values: Array, teacher_indices: Array, *,
                     tail: str = "renormalize", temperature=1.0, where: Optional[Array] = None,
-                    implementation: str = "tiled", tile: int = 2048, softcap: Optional[float] = None) -> Array:
+                    implementation: str = "tiled", tile: int = 2048, softcap: Optional[float] = None,
+                    teacher_tail: Optional[Array] = None) -> Array:
   """Per-row divergence between a sparse top-k teacher and the full student (module docstring).
 
   Args:
@@ -131,6 +132,8 @@ def topk_divergence(div: Divergence, student_logits: Array, teacher_values: Arra
       'naive' (whole-row log-sum-exps, differentiated by autodiff).
     tile: vocabulary columns per step of the stream.
     softcap: if set, the student's logits become softcap·tanh(z / softcap) first.
+    teacher_tail: optional `[N]` log of the teacher's mass outside S at T, for ``bucket`` (an
+      offline cache computes it from the full logits): then no float32 floor is needed.
 
   Returns:
     float32 `[N]`, with Hinton's T² for `hinton_kd`. Only the student receives a gradient.
@@ -155,7 +158,10 @@ def topk_divergence(div: Divergence, student_logits: Array, teacher_values: Arra
     else:
       lse, lse_tail = _support_lse(implementation, z, indices, temperature, softcap, tile)
     log_q = jnp.concatenate([s_support - lse[:, None], (lse_tail - lse)[:, None]], axis=-1)
-    p_tail = 1.0 - jnp.sum(jnp.exp(values), axis=-1)
-    log_p = jnp.concatenate([values, jnp.log(jnp.clip(p_tail, k * jnp.finfo(jnp.float32).eps, 1.0))[:, None]],
-                            axis=-1)
+    if teacher_tail is None:
+      p_tail = 1.0 - jnp.sum(jnp.exp(values), axis=-1)
+      log_p_tail = jnp.log(jnp.clip(p_tail, k * jnp.finfo(jnp.float32).eps, 1.0))
+    else:
+      log_p_tail = jax.lax.stop_gradient(jnp.where(keep, teacher_tail, 0).astype(jnp.float32))
+    log_p = jnp.concatenate([values, log_p_tail[:, None]], axis=-1)
   return _outcome_divergence(div, log_p, log_q) * div.row_factor(keep, temperature)

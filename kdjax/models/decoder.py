@@ -6,6 +6,15 @@ on a CPU as a byte-level teacher or student, and laid out so that Llama / Qwen c
 it one tensor at a time (RoPE uses the Hugging Face "rotate half" layout; key/value head ``j``
 serves query heads ``j * G .. (j + 1) * G - 1`` as in ``repeat_kv``).
 
+Incremental decoding
+--------------------
+``model(tokens)`` is the training call. For generation, ``model.init_cache(batch, length)`` gives
+a :class:`KVCache` per layer and ``model.decode_step(tokens, cache, positions)`` runs any number of
+new tokens at absolute ``positions``: their keys and values are written into the cache there, and
+each token attends to every cache slot at or before its own position. The caller keeps the
+invariant that those slots hold the row's real tokens; ``kdjax.models.sampling`` does so for
+right-padded prompts with per-row lengths.
+
 Logical axis names
 ------------------
 Every parameter carries ``out_sharding`` metadata that names its axes logically. Nothing is placed
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -186,30 +195,39 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   return y.reshape(*lead, *w.shape[contract:])
 
 
-def rope(x: jax.Array, theta: float) -> jax.Array:
-  """Rotates ``x[B, L, N, head_dim]`` by position ``0 .. L-1`` (rotate-half layout).
+def rope(x: jax.Array, theta: float, positions: Optional[jax.Array] = None) -> jax.Array:
+  """Rotates ``x[B, L, N, head_dim]`` by its positions (rotate-half layout).
 
   Feature ``i`` of the first half is paired with feature ``i`` of the second half and rotated by
   ``pos * theta ** (-2i / head_dim)``, as in Hugging Face's Llama; the angles are float32 so long
   positions keep their precision in bf16 models.
+
+  Args:
+    x: queries or keys ``[B, L, N, head_dim]``.
+    theta: base frequency.
+    positions: integer ``[B, L]`` (or ``[1, L]``) absolute positions; ``None`` means ``0 .. L-1``.
   """
   length, dim = x.shape[1], x.shape[-1]
+  if positions is None:
+    positions = jnp.arange(length)[None]
   inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos = jnp.cos(angles)[:, None, :]  # [L, 1, dim/2]: broadcast over heads.
-  sin = jnp.sin(angles)[:, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles)[:, :, None, :]  # [B, L, 1, dim/2]: broadcast over heads.
+  sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Grouped-query causal attention.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention under a boolean mask.
 
   Args:
     q: queries ``[B, L, H, Dh]``, already scaled by ``Dh ** -0.5``.
-    k: keys ``[B, L, K, Dh]`` with ``H % K == 0``.
-    v: values ``[B, L, K, Dh]``.
+    k: keys ``[B, S, K, Dh]`` with ``H % K == 0``.
+    v: values ``[B, S, K, Dh]``.
+    mask: ``[B, L, S]`` (or ``[1, L, S]``), True where query ``l`` may attend to key ``s``. Every
+      query must see at least one key.
 
   Returns:
     ``[B, L, H, Dh]``; query head ``h`` attends with key/value head ``h // (H // K)``.
@@ -221,11 +239,34 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   # jax.nn.dot_product_attention timed the same within noise for the model's forward+backward.
   q = q.reshape(b, length, kv, h // kv, d)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  mask = jnp.tril(jnp.ones((length, length), dtype=bool))
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
   return out.reshape(b, length, h, d)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """:func:`attention` where position ``t`` of ``q`` sees positions ``0 .. t`` of ``k`` / ``v``."""
+  length = q.shape[1]
+  return attention(q, k, v, jnp.tril(jnp.ones((1, length, length), dtype=bool)))
+
+
+class KVCache(NamedTuple):
+  """Keys and values of one attention layer, for every position of a fixed-length buffer.
+
+  Attributes:
+    k: ``[B, S, num_kv_heads, head_dim]`` in the compute dtype, rotated by RoPE at their position.
+    v: ``[B, S, num_kv_heads, head_dim]`` in the compute dtype.
+  """
+
+  k: jax.Array
+  v: jax.Array
+
+
+def _write_rows(buffer: jax.Array, update: jax.Array, positions: jax.Array) -> jax.Array:
+  """``buffer[b, positions[b, l]] = update[b, l]``: each row writes at its own positions."""
+  write = lambda buf, upd, pos: buf.at[pos].set(upd.astype(buf.dtype))  # noqa: E731
+  return jax.vmap(write)(buffer, update, positions)
 
 
 class Attention(nnx.Module):
@@ -260,7 +301,21 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    """Attends each position of ``x`` to itself and the positions before it.
+
+    Args:
+      x: ``[B, L, d_model]``.
+      positions: integer ``[B, L]`` absolute positions of ``x`` (RoPE angles and causal order);
+        ``None`` means ``0 .. L-1``.
+      cache: ``None`` to attend within ``x`` only; otherwise ``x``'s keys and values are written
+        into the cache at ``positions`` and each query attends to every slot at or before its own
+        position.
+
+    Returns:
+      ``(out [B, L, d_model], updated cache or None)``.
+    """
     c = self.config
     w = lambda p: p[...].astype(c.dtype)  # noqa: E731
     q, k, v = dense(x, w(self.q)), dense(x, w(self.k)), dense(x, w(self.v))
@@ -268,10 +323,17 @@ class Attention(nnx.Module):
       q, k, v = q + w(self.q_bias), k + w(self.k_bias), v + w(self.v_bias)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = rope(q, c.rope_theta) * jnp.asarray(c.head_dim**-0.5, c.dtype)
-    k = rope(k, c.rope_theta)
-    out = causal_attention(q, k, v)
-    return dense(out, w(self.o), contract=2)
+    q = rope(q, c.rope_theta, positions) * jnp.asarray(c.head_dim**-0.5, c.dtype)
+    k = rope(k, c.rope_theta, positions)
+    if cache is None and positions is None:
+      out = causal_attention(q, k, v)
+    elif cache is None:
+      out = attention(q, k, v, positions[:, :, None] >= positions[:, None, :])
+    else:
+      cache = KVCache(_write_rows(cache.k, k, positions), _write_rows(cache.v, v, positions))
+      slots = jnp.arange(cache.k.shape[1])
+      out = attention(q, cache.k, cache.v, positions[:, :, None] >= slots)
+    return dense(out, w(self.o), contract=2), cache
 
 
 class SwiGLU(nnx.Module):
@@ -313,9 +375,12 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(c.d_model, kind=c.norm, eps=c.norm_eps, param_dtype=c.param_dtype)
     self.mlp = SwiGLU(c, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.attn_norm(x))
-    return x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x: jax.Array, positions: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    """``(x [B, L, d_model], cache)`` after the block; see :meth:`Attention.__call__`."""
+    attended, cache = self.attn(self.attn_norm(x), positions, cache)
+    x = x + attended
+    return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class DecoderLM(nnx.Module):
@@ -352,14 +417,57 @@ class DecoderLM(nnx.Module):
     Returns:
       ``[B, L, d_model]`` in the compute dtype.
     """
+    self._check_tokens(tokens)
+    return self._trunk(tokens, None, None)[0]
+
+  def cached_features(self, tokens: jax.Array, cache: tuple[KVCache, ...],
+                      positions: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """:meth:`features` of new tokens at absolute positions, reading and extending a cache.
+
+    Args:
+      tokens: int ``[B, L]``: the new tokens (a whole prompt, or one token per decoding step).
+      cache: one :class:`KVCache` per layer, from :meth:`init_cache`.
+      positions: int ``[B, L]`` absolute positions of ``tokens``, each in ``[0, S)`` where ``S``
+        is the cache length. Slots before a token's position must already hold that row's
+        earlier tokens.
+
+    Returns:
+      ``(features [B, L, d_model], the cache with the new tokens written at their positions)``.
+    """
+    self._check_tokens(tokens)
+    if positions.shape != tokens.shape:
+      raise ValueError(f"positions shape {positions.shape} must equal tokens shape {tokens.shape}.")
+    if len(cache) != len(self.blocks):
+      raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}.")
+    c = self.config
+    expected = (tokens.shape[0], c.num_kv_heads, c.head_dim)  # all but the cache length
+    for layer in cache:
+      if layer.k.shape != layer.v.shape or layer.k.shape[:1] + layer.k.shape[2:] != expected:
+        raise ValueError(
+            f"cache layers must be [batch={tokens.shape[0]}, length, kv_heads={c.num_kv_heads}, "
+            f"head_dim={c.head_dim}], got k {layer.k.shape} and v {layer.v.shape}.")
+    return self._trunk(tokens, positions, cache)
+
+  def init_cache(self, batch: int, length: int) -> tuple[KVCache, ...]:
+    """An empty (all-zero) cache of ``length <= max_len`` positions for ``batch`` rows."""
+    if not 0 < length <= self.config.max_len:
+      raise ValueError(f"cache length {length} must lie in [1, max_len={self.config.max_len}].")
+    c = self.config
+    zeros = lambda: jnp.zeros((batch, length, c.num_kv_heads, c.head_dim), c.dtype)  # noqa: E731
+    return tuple(KVCache(zeros(), zeros()) for _ in self.blocks)
+
+  def _check_tokens(self, tokens: jax.Array) -> None:
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}.")
     if tokens.shape[1] > self.config.max_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.config.max_len}.")
+
+  def _trunk(self, tokens, positions, cache):
     x = jnp.take(self.embedding[...].astype(self.config.dtype), tokens, axis=0)
-    for block in self.blocks:
-      x = block(x)
-    return self.final_norm(x)
+    layers = [None] * len(self.blocks) if cache is None else list(cache)
+    for i, block in enumerate(self.blocks):
+      x, layers[i] = block(x, positions, layers[i])
+    return self.final_norm(x), None if cache is None else tuple(layers)
 
   def head_weights(self) -> jax.Array:
     """The lm-head matrix ``[d_model, vocab_size]`` in the parameter dtype.
@@ -371,6 +479,17 @@ class DecoderLM(nnx.Module):
       return self.embedding[...].T
     return self.lm_head[...]
 
+  def logits(self, h: jax.Array) -> jax.Array:
+    """float32 logits ``[..., vocab_size]`` of features ``h[..., d_model]`` (head, then soft-cap)."""
+    # Losses downstream work in float32, so the head accumulates and returns float32 directly.
+    logits = jnp.einsum(
+        "...d,dv->...v", h, self.head_weights().astype(h.dtype),
+        preferred_element_type=jnp.float32)
+    cap = self.config.logit_softcap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
+
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Next-token logits.
 
@@ -380,15 +499,18 @@ class DecoderLM(nnx.Module):
     Returns:
       float32 ``[B, L, vocab_size]``; position ``t`` sees tokens ``0 .. t`` only.
     """
-    h = self.features(tokens)
-    # Losses downstream work in float32, so the head accumulates and returns float32 directly.
-    logits = jnp.einsum(
-        "bld,dv->blv", h, self.head_weights().astype(h.dtype),
-        preferred_element_type=jnp.float32)
-    cap = self.config.logit_softcap
-    if cap is not None:
-      logits = cap * jnp.tanh(logits / cap)
-    return logits
+    return self.logits(self.features(tokens))
+
+  def decode_step(self, tokens: jax.Array, cache: tuple[KVCache, ...],
+                  positions: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """:meth:`__call__` for new tokens at absolute positions, through a cache.
+
+    Arguments as in :meth:`cached_features`; returns ``(float32 logits [B, L, vocab_size],
+    updated cache)``. With ``tokens`` the row's whole sequence so far at ``positions`` ``0 .. L-1``
+    and an empty cache, the logits equal ``model(tokens)``.
+    """
+    h, cache = self.cached_features(tokens, cache, positions)
+    return self.logits(h), cache
 
 
 def count_params(model: nnx.Module) -> int:
