@@ -9,12 +9,14 @@ Typical use for the Shakespeare language-modelling job:
     for batch in eval_batches(val_tokens, seq_len=256, batch_size=32): ...
 """
 
+from kdjax.data.bpe import BPETokenizer, train_bpe, train_on_split
 from kdjax.data.lm_pipeline import eval_batches, make_lm_dataset, num_windows
 from kdjax.data.shakespeare import KdjaxShakespeare
 from kdjax.data.text_sources import SUPPORTED_NAMES, default_data_dir, load_split_tokens
 from kdjax.data.tokenizers import ByteTokenizer
 
 __all__ = [
+    "BPETokenizer",
     "ByteTokenizer",
     "KdjaxShakespeare",
     "SUPPORTED_NAMES",
@@ -23,4 +25,6 @@ __all__ = [
     "load_split_tokens",
     "make_lm_dataset",
     "num_windows",
+    "train_bpe",
+    "train_on_split",
 ]

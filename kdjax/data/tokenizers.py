@@ -35,6 +35,17 @@ class ByteTokenizer:
     # frombuffer shares the immutable bytes; copy so callers get an ordinary writable array.
     return np.frombuffer(data, dtype=np.uint8).copy()
 
+  def encode_with_offsets(self, text: str | bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes text and returns each token's byte span, as `BPETokenizer.encode_with_offsets`.
+
+    Returns:
+      `(ids, offsets)`: `ids` as from `encode`; `offsets` is `[N, 2]` `np.int64`, row i being
+      `(i, i + 1)`: one byte per token.
+    """
+    ids = self.encode(text)
+    starts = np.arange(ids.size, dtype=np.int64)
+    return ids, np.stack([starts, starts + 1], axis=-1)
+
   def decode(self, ids: np.ndarray) -> str:
     """Decodes byte ids to text.
 

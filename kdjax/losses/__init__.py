@@ -22,6 +22,8 @@ from kdjax.losses.logits import (
     standardize_logits,
 )
 from kdjax.losses.sparse import teacher_topk, topk_divergence
+from kdjax.losses.tokens import (ChunkAlignment, PositionAlignment, align_chunks, align_positions, alm,
+                                 chunk_log_likelihoods, gather_position_pairs, stack_alignments, uld)
 
 # The divergences by the name a config gives them. An explicit table, so an unknown name fails with
 # the list of known ones instead of whatever attribute happens to exist.
@@ -38,7 +40,8 @@ DIVERGENCES = {
 }
 
 __all__ = [
-    "DIVERGENCES", "ab_divergence", "adaptive_kl", "align_vocab", "cross_entropy", "deit_hard_distillation",
+    "ChunkAlignment", "DIVERGENCES", "PositionAlignment", "align_chunks", "align_positions", "alm",
+    "chunk_log_likelihoods", "gather_position_pairs", "stack_alignments", "uld", "ab_divergence", "adaptive_kl", "align_vocab", "cross_entropy", "deit_hard_distillation",
     "deit_soft_distillation", "dist", "dkd", "forward_kl", "generalized_jsd", "hinton_kd",
     "mask_vocab", "masked_mean", "masked_sum_count", "reverse_kl", "safe_mean", "skew_kl",
     "skew_reverse_kl", "standardize_logits", "taid", "teacher_topk", "topk_divergence", "total_variation",

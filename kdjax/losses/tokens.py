@@ -129,7 +129,8 @@ def _padded_length(length: Optional[int], real: int, what: str) -> int:
   return int(length)
 
 
-def align_positions(student_offsets, teacher_offsets, *, max_pairs: Optional[int] = None) -> PositionAlignment:
+def align_positions(student_offsets, teacher_offsets, *,
+                    max_pairs: Optional[int] = None) -> PositionAlignment:
   """Pairs the student and teacher positions whose tokens end at the same byte offset.
 
   Position i of a causal LM has read tokens 0..i; when student token i and teacher token j end
@@ -286,8 +287,8 @@ def uld(student_logits: Array, teacher_logits: Array, *, temperature=1.0,
 
     ULD = Σ_{i=1..V} | p_(i) − q_(i) |,   in [0, 2].
 
-  This is the closed form of the Wasserstein-1 distance between the two distributions under a
-  cost that ignores token identity (the paper's Eq. 6). It needs no shared vocabulary, and it is
+  The paper motivates it as a Wasserstein distance between the two distributions whose
+  transport cost ignores which token is which. It needs no shared vocabulary, and it is
   invariant to any relabelling of either vocabulary: it matches the *shape* of the teacher's
   distribution, not which tokens carry the mass. ULD = 0 iff p and q are permutations of each
   other (up to zero entries). The paper pairs the i-th answer token of both models; with
@@ -324,8 +325,8 @@ def chunk_log_likelihoods(token_log_probs: Array, chunk_ids: Array, num_chunks: 
   """log p(chunk) = Σ_{tokens in the chunk} log p(token | prefix), by segment sums.
 
   Args:
-    token_log_probs: `[..., N]` log-probabilities of the tokens actually in the text (e.g.
-      `-kdjax.losses.cross_entropy(logits[..., :-1, :], ids[..., 1:])`, aligned to the ids).
+    token_log_probs: `[..., N]` log-probabilities of the tokens actually in the text, entry i
+      for token i (see `alm`).
     chunk_ids: `[..., N]` integer chunk of each token; ids outside [0, num_chunks) (padding)
       are ignored, their log-probs may be garbage.
     num_chunks: C.
@@ -337,13 +338,15 @@ def chunk_log_likelihoods(token_log_probs: Array, chunk_ids: Array, num_chunks: 
   log_probs = log_probs.astype(common.compute_dtype(log_probs.dtype))
   ids = jnp.asarray(chunk_ids)
   if log_probs.shape != ids.shape or log_probs.ndim < 1:
-    raise ValueError(f"token log-probs {log_probs.shape} and chunk ids {ids.shape} need the same shape [..., N]")
+    raise ValueError(f"token log-probs {log_probs.shape} and chunk ids {ids.shape} need the same shape "
+                     "[..., N]")
   lead, n = log_probs.shape[:-1], log_probs.shape[-1]
   rows = math.prod(lead)
   ids = ids.reshape(rows, n).astype(jnp.int32)
   inside = (ids >= 0) & (ids < num_chunks)
   # One segment per (row, chunk) plus one bin per row for the ignored tokens, cut off below.
-  segments = jnp.where(inside, ids, num_chunks) + (num_chunks + 1) * jnp.arange(rows, dtype=jnp.int32)[:, None]
+  row_base = (num_chunks + 1) * jnp.arange(rows, dtype=jnp.int32)[:, None]
+  segments = jnp.where(inside, ids, num_chunks) + row_base
   values = jnp.where(inside, log_probs.reshape(rows, n), 0.0)
   sums = jax.ops.segment_sum(values.reshape(-1), segments.reshape(-1), num_segments=rows * (num_chunks + 1))
   return sums.reshape(rows, num_chunks + 1)[:, :num_chunks].reshape(*lead, num_chunks)
@@ -399,8 +402,10 @@ def alm(student_log_probs: Array, teacher_log_probs: Array, alignment: ChunkAlig
   by the number of chunks.
 
   Args:
-    student_log_probs: `[..., N_s]` log-probabilities of the student's tokens of the text, in
-      the positions of `alignment.student_chunk_ids` (finite where scored).
+    student_log_probs: `[..., N_s]` log-probabilities log p_S(s_i | s_<i) of the student's
+      tokens of the text, entry i for token i (finite where scored). From next-token logits
+      that is `-cross_entropy(logits[..., :-1, :], ids[..., 1:])` shifted right by one: token 0
+      has no prediction unless a BOS precedes it, so mark it unscored in `align_chunks`.
     teacher_log_probs: `[..., N_t]` likewise for the teacher's tokens.
     alignment: a `ChunkAlignment` with leading axes `[...]` (see `stack_alignments`).
     temperature: τ > 0.
@@ -415,7 +420,8 @@ def alm(student_log_probs: Array, teacher_log_probs: Array, alignment: ChunkAlig
                                ("teacher", teacher_log_probs, alignment.teacher_chunk_ids)):
     if jnp.shape(log_probs) != jnp.shape(ids) or jnp.shape(ids)[:-1] != lead:
       raise ValueError(f"{side} log-probs {jnp.shape(log_probs)} must match the alignment's "
-                       f"{side}_chunk_ids {jnp.shape(ids)}, whose leading axes must match where {jnp.shape(where)}")
+                       f"{side}_chunk_ids {jnp.shape(ids)}, whose leading axes must match "
+                       f"where {jnp.shape(where)}")
   num_chunks = jnp.shape(where)[-1]
 
   def tempered(log_probs, ids):
