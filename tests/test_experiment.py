@@ -69,9 +69,10 @@ def test_entry_point_runs_runlocal_and_writes_results(tmp_path, data_dir):
   assert " steps of " not in again.stdout, again.stdout[-3000:]
 
 
-@pytest.mark.parametrize("method", ["taid", "teacher_cache"])
+@pytest.mark.parametrize("method", ["gkd", "taid", "teacher_cache"])
 def test_other_methods_run_through_the_same_experiment(tmp_path, data_dir, method):
-  """TAID (stateful strategy) and the offline teacher cache (no teacher in the step) on four works."""
+  """GKD (on-policy batches), TAID (stateful strategy) and the offline teacher cache (no teacher in
+  the step) on four works."""
   config = _runlocal_config(data_dir, f"runlocal,method={method}")
   config.data.train_split = "train[:4]"
   results = lm_kd.run(config, str(tmp_path), log=lambda line: None)

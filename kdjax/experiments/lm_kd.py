@@ -31,6 +31,7 @@ import optax
 from kdjax.data import lm_pipeline, teacher_cache, text_sources
 from kdjax.data.tokenizers import ByteTokenizer
 from kdjax.distill import strategies
+from kdjax.distill.on_policy import OnPolicyBatches, OnPolicyConfig
 from kdjax.models.decoder import DecoderConfig, DecoderLM, count_params
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
 from kdjax.train.checkpoint import RunCheckpoints
@@ -60,10 +61,12 @@ def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: i
 
 def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.ConfigDict, seed: int,
              strategy, teacher: Optional[TrainedModel], train_tokens: np.ndarray, data_cfg, mesh,
-             rules, workdir: str, log: Callable[[str], None], window_features=None) -> TrainedModel:
+             rules, workdir: str, log: Callable[[str], None], window_features=None,
+             on_policy: Optional[OnPolicyConfig] = None) -> TrainedModel:
   """Trains (or resumes, or restores a finished) model in `workdir/name`.
 
-  `window_features` adds per-window batch fields (an offline teacher cache's top-k).
+  `window_features` adds per-window batch fields (an offline teacher cache's top-k); an active
+  `on_policy` replaces the continuations of some batches by samples of the student or the teacher.
   """
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   optimizer = make_optimizer(train_cfg)
@@ -87,11 +90,18 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
         student_forward=step_lib.lm_forward(graphdef, head=strategy.uses_head),
         teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef, head=strategy.uses_head),
         strategy=strategy, optimizer=optimizer)
+    prepare = None
+    if on_policy is not None and on_policy.active:
+      prepare = OnPolicyBatches(dataclasses.replace(on_policy, seed=seed), seq_len=data_cfg.seq_len,
+                                student_graphdef=graphdef, teacher_graphdef=None if teacher is None else teacher.graphdef,
+                                mesh=mesh)
     state, _ = loop.fit(
         state=state, step_fn=step_fn, batches=batches, teacher_params=None if teacher is None else teacher.params,
         num_steps=train_cfg.steps, mesh=mesh, tokens_per_batch=train_cfg.batch_size * data_cfg.seq_len,
         log_every=train_cfg.log_every, checkpoints=checkpoints, checkpoint_every=train_cfg.checkpoint_every,
-        name=name, log=log)
+        name=name, log=log, prepare_batch=prepare)
+    if prepare is not None:
+      log(f"[{name}] batch sources this run: {prepare.counts}")
   checkpoints.close()
   return TrainedModel(graphdef, state.params, num_params, time.perf_counter() - t0)
 
@@ -188,7 +198,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
   kd = strategies.strategy_from_config(config.distill, vocab_size=vocab, num_steps=config.student.train.steps)
-  features = {}
+  features, on_policy = {}, {"student_kd": OnPolicyConfig.from_config(config.get("on_policy"))}
+  if on_policy["student_kd"].active and not kd.uses_teacher:
+    raise ValueError("on_policy sampling needs a strategy that runs the teacher on the batch (the samples are "
+                     "new text); the teacher_cache method only knows the cached windows")
   if isinstance(kd, strategies.CachedTeacherDistillation):
     features["student_kd"], results["teacher_cache"] = _teacher_cache(kd, config, teacher, train_tokens, vocab,
                                                                       mesh, workdir, log)
@@ -197,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     for seed in range(config.seed, config.seed + config.num_seeds):
       trained = train_lm(name=f"{name}_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
                          seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None,
-                         window_features=features.get(name), **common)
+                         window_features=features.get(name), on_policy=on_policy.get(name), **common)
       metrics = dict(evaluate(trained, teacher), num_params=trained.num_params, train_seconds=trained.train_seconds,
                      seed=seed)
       log(f"[{name} seed {seed}] validation CE {metrics['ce']:.4f} nats/byte")

@@ -20,7 +20,8 @@ def _clock(seconds: float) -> str:
 
 def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num_steps: int, mesh: Mesh,
         tokens_per_batch: int, log_every: int = 50, checkpoints: Optional[RunCheckpoints] = None,
-        checkpoint_every: int = 0, name: str = "train", log: Callable[[str], None] = print):
+        checkpoint_every: int = 0, name: str = "train", log: Callable[[str], None] = print,
+        prepare_batch: Optional[Callable] = None):
   """Runs `step_fn` from `state.step` up to `num_steps`.
 
   Args:
@@ -36,6 +37,8 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
     checkpoint_every: steps between saves (0: only at the end).
     name: prefix of the progress lines.
     log: where progress lines go.
+    prepare_batch: `(state, host_batch, teacher_params, step) -> device batch` replacing the plain
+      sharding of each batch (e.g. `kdjax.distill.on_policy.OnPolicyBatches`: the student's samples).
 
   Returns:
     (state, history) with history a list of (step, mean metrics) per logging window.
@@ -47,7 +50,11 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
   history = []
   window, timed_from, timed_steps = None, None, 0
   for step in range(start, num_steps):
-    batch = sharding_lib.shard_batch(next(batches), mesh)
+    batch = next(batches)
+    if prepare_batch is None:
+      batch = sharding_lib.shard_batch(batch, mesh)
+    else:
+      batch = prepare_batch(state, batch, teacher_params, step)
     state, metrics = step_fn(state, batch, teacher_params)
     window = sum_metrics(window, metrics)
     done = step + 1
