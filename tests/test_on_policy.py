@@ -100,7 +100,7 @@ def _train(workdir, num_steps, *, stop_at=None):
   checkpoints = RunCheckpoints(workdir)
   if checkpoints.latest_step() is not None:
     state, data_state = checkpoints.restore(state)
-    batches.set_state(data_state)
+    loop.restore_data_state(data_state, batches)
   step = step_lib.make_distill_step(state=state, teacher_params=t_params, mesh=mesh,
                                     student_forward=step_lib.lm_forward(s_graph),
                                     teacher_forward=step_lib.lm_forward(t_graph), strategy=strategy,

@@ -319,6 +319,7 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
     logit: `LogitDistillation` / `HeadDistillation`, see `_logit_strategy`.
     taid: `TAIDDistillation`: kd_weight, temperature, label_smoothing, and taid = {t_start, t_end,
       alpha, beta, adaptive}.
+    distillm2: `kdjax.distill.distillm.DistiLLM2Distillation`: alpha, beta, temperature.
     teacher_cache: `CachedTeacherDistillation` (an offline top-k teacher): divergence,
       divergence_kwargs, kd_weight, temperature (a number), label_smoothing, implementation, tail,
       top_k, and value_dtype (the cache's, read by the experiment that builds it).
@@ -330,7 +331,8 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
   """
   cfg = dict(config)
   method = cfg.pop("method", "logit")
-  builders = {"logit": _logit_strategy, "taid": _taid_strategy, "teacher_cache": _cache_strategy}
+  builders = {"logit": _logit_strategy, "taid": _taid_strategy, "teacher_cache": _cache_strategy,
+              "distillm2": _distillm2_strategy}
   if method not in builders:
     raise ValueError(f"unknown distill method {method!r}; known: {sorted(builders)}")
   return builders[method](cfg, vocab_size=vocab_size, num_steps=num_steps)
@@ -352,6 +354,18 @@ def _taid_strategy(cfg: dict, *, vocab_size, num_steps) -> TAIDDistillation:
   return TAIDDistillation(num_steps=num_steps, kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
                           temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
                           label_smoothing=float(cfg.get("label_smoothing", 0.0)), **taid)
+
+
+def _distillm2_strategy(cfg: dict, *, vocab_size, num_steps):
+  del vocab_size, num_steps
+  _check_keys(cfg, {"alpha", "beta", "temperature"}, "distillm2")
+  from kdjax.distill import distillm  # its batch source imports the sampler; only this method needs it
+
+  beta = float(cfg.get("beta", 1.0))
+  if not 0.0 <= beta <= 2.0:
+    raise ValueError(f"DistiLLM-2's beta must lie in [0, 2], got {beta}")
+  return distillm.DistiLLM2Distillation(alpha=float(cfg.get("alpha", 0.1)), beta=beta,
+                                        temperature=float(cfg.get("temperature", 1.0)))
 
 
 def _cache_strategy(cfg: dict, *, vocab_size, num_steps) -> CachedTeacherDistillation:

@@ -31,6 +31,8 @@ import optax
 from kdjax.data import lm_pipeline, teacher_cache, text_sources
 from kdjax.data.tokenizers import ByteTokenizer
 from kdjax.distill import strategies
+from kdjax.distill.distillm import (AdaptiveOffPolicyBatches, AdaptiveOffPolicyConfig, ContrastiveBatches,
+                                   DistiLLM2Distillation)
 from kdjax.distill.on_policy import OnPolicyBatches, OnPolicyConfig
 from kdjax.models.decoder import DecoderConfig, DecoderLM, count_params
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
@@ -62,13 +64,14 @@ def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: i
 def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.ConfigDict, seed: int,
              strategy, teacher: Optional[TrainedModel], train_tokens: np.ndarray, data_cfg, mesh,
              rules, workdir: str, log: Callable[[str], None], window_features=None,
-             on_policy: Optional[OnPolicyConfig] = None) -> TrainedModel:
+             batch_source: Optional[Callable] = None) -> TrainedModel:
   """Trains (or resumes, or restores a finished) model in `workdir/name`.
 
-  `window_features` adds per-window batch fields (an offline teacher cache's top-k); an active
-  `on_policy` replaces the continuations of some batches by samples of the student or the teacher.
+  `window_features` adds per-window batch fields (an offline teacher cache's top-k);
+  `batch_source(graphdef, seed)` makes the loop's batch hook (on-policy samples, DistiLLM's replay).
   """
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  prepare = None if batch_source is None else batch_source(graphdef, seed)
   optimizer = make_optimizer(train_cfg)
   state = state_lib.create_train_state(params, optimizer, seed, mesh, strategy=strategy)
   batches = iter(lm_pipeline.make_lm_dataset(
@@ -78,8 +81,7 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
   checkpoints = RunCheckpoints(os.path.join(workdir, name), keep=train_cfg.get("keep_checkpoints", 2))
   if checkpoints.latest_step() is not None:
     state, data_state = checkpoints.restore(state)
-    if data_state:
-      batches.set_state(data_state)
+    loop.restore_data_state(data_state, batches, prepare)
     log(f"[{name}] resumed from step {int(state.step)} in {checkpoints.directory}")
   num_params = count_params(nnx.merge(graphdef, state.params))
   t0 = time.perf_counter()
@@ -90,11 +92,6 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
         student_forward=step_lib.lm_forward(graphdef, head=strategy.uses_head),
         teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef, head=strategy.uses_head),
         strategy=strategy, optimizer=optimizer)
-    prepare = None
-    if on_policy is not None and on_policy.active:
-      prepare = OnPolicyBatches(dataclasses.replace(on_policy, seed=seed), seq_len=data_cfg.seq_len,
-                                student_graphdef=graphdef, teacher_graphdef=None if teacher is None else teacher.graphdef,
-                                mesh=mesh)
     state, _ = loop.fit(
         state=state, step_fn=step_fn, batches=batches, teacher_params=None if teacher is None else teacher.params,
         num_steps=train_cfg.steps, mesh=mesh, tokens_per_batch=train_cfg.batch_size * data_cfg.seq_len,
@@ -158,6 +155,54 @@ def format_table(results: dict) -> str:
   return "\n".join(rows)
 
 
+def _batch_source(config, strategy, teacher: TrainedModel, eval_tokens, mesh) -> Optional[Callable]:
+  """`(graphdef, seed) -> batch hook` for the distilled student, or None for plain data batches.
+
+  DistiLLM-2's strategy takes paired teacher / student continuations; `adaptive_off_policy`
+  (DistiLLM) mixes in student samples by its validation-driven threshold; an active `on_policy`
+  section samples with fixed probabilities (GKD, sequence-level KD).
+  """
+  sampling = OnPolicyConfig.from_config(config.get("on_policy"))
+  seq_len = config.data.seq_len
+  if isinstance(strategy, DistiLLM2Distillation):
+    return lambda graphdef, seed: ContrastiveBatches(
+        dataclasses.replace(sampling, seed=seed), seq_len=seq_len, student_graphdef=graphdef,
+        teacher_graphdef=teacher.graphdef, mesh=mesh)
+  if config.get("adaptive_off_policy") is not None:
+    adaptive = AdaptiveOffPolicyConfig(**config.adaptive_off_policy.to_dict())
+    return lambda graphdef, seed: AdaptiveOffPolicyBatches(
+        adaptive, dataclasses.replace(sampling, seed=seed), seq_len=seq_len, student_graphdef=graphdef, mesh=mesh,
+        validation_loss=_validation_loss(strategy, graphdef, teacher, eval_tokens, config, mesh))
+  if not sampling.active:
+    return None
+  if not strategy.uses_teacher:
+    raise ValueError("on_policy sampling needs a strategy that runs the teacher on the batch (the samples are "
+                     "new text); the teacher_cache method only knows the cached windows")
+  return lambda graphdef, seed: OnPolicyBatches(
+      dataclasses.replace(sampling, seed=seed), seq_len=seq_len, student_graphdef=graphdef,
+      teacher_graphdef=teacher.graphdef, mesh=mesh)
+
+
+def _validation_loss(strategy, graphdef, teacher: TrainedModel, eval_tokens, config, mesh) -> Callable:
+  """`(params, teacher_params) -> the strategy's divergence per kept token` on the first
+  `adaptive_off_policy.eval_batches` validation batches (DistiLLM's θ follows it)."""
+  student, teacher_forward = step_lib.lm_forward(graphdef), step_lib.lm_forward(teacher.graphdef)
+
+  @jax.jit
+  def kd_sums(params, teacher_params, batch):
+    return strategy(student(params, batch), teacher_forward(teacher_params, batch), batch, 0)[1]["kd"]
+
+  batches = [sharding_lib.shard_batch(b, mesh) for b in lm_pipeline.eval_batches(
+      eval_tokens, seq_len=config.data.seq_len, batch_size=config.eval.batch_size,
+      max_batches=config.adaptive_off_policy.eval_batches)]
+
+  def loss(params, teacher_params) -> float:
+    sums = [kd_sums(params, teacher_params, b) for b in batches]
+    return float(sum(s for s, _ in sums)) / max(float(sum(c for _, c in sums)), 1.0)
+
+  return loss
+
+
 def _teacher_cache(strategy, config, teacher: TrainedModel, train_tokens, vocab, mesh, workdir, log):
   """Builds (or reuses) the offline teacher cache for `strategy`; returns its reader and facts."""
   directory = os.path.join(workdir, f"teacher_cache_k{strategy.k}_t{strategy.temperature:g}")
@@ -198,10 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
   kd = strategies.strategy_from_config(config.distill, vocab_size=vocab, num_steps=config.student.train.steps)
-  features, on_policy = {}, {"student_kd": OnPolicyConfig.from_config(config.get("on_policy"))}
-  if on_policy["student_kd"].active and not kd.uses_teacher:
-    raise ValueError("on_policy sampling needs a strategy that runs the teacher on the batch (the samples are "
-                     "new text); the teacher_cache method only knows the cached windows")
+  features, sources = {}, {"student_kd": _batch_source(config, kd, teacher, eval_tokens, mesh)}
   if isinstance(kd, strategies.CachedTeacherDistillation):
     features["student_kd"], results["teacher_cache"] = _teacher_cache(kd, config, teacher, train_tokens, vocab,
                                                                       mesh, workdir, log)
@@ -210,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     for seed in range(config.seed, config.seed + config.num_seeds):
       trained = train_lm(name=f"{name}_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
                          seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None,
-                         window_features=features.get(name), on_policy=on_policy.get(name), **common)
+                         window_features=features.get(name), batch_source=sources.get(name), **common)
       metrics = dict(evaluate(trained, teacher), num_params=trained.num_params, train_seconds=trained.train_seconds,
                      seed=seed)
       log(f"[{name} seed {seed}] validation CE {metrics['ce']:.4f} nats/byte")

@@ -18,6 +18,28 @@ def _clock(seconds: float) -> str:
   return f"{seconds // 60:d}:{seconds % 60:02d}"
 
 
+_SOURCE_KEY = "batch_source"
+
+
+def data_state(batches: Iterator, prepare_batch: Optional[Callable] = None) -> dict:
+  """What a checkpoint keeps of the data: the iterator's position and, if the batch hook has
+  state (a replay buffer, an adaptive threshold), that too."""
+  out = dict(batches.get_state()) if hasattr(batches, "get_state") else {}
+  if hasattr(prepare_batch, "get_state"):
+    out[_SOURCE_KEY] = prepare_batch.get_state()
+  return out
+
+
+def restore_data_state(state: dict, batches: Iterator, prepare_batch: Optional[Callable] = None) -> None:
+  """The inverse of `data_state`: puts the iterator and the batch hook back where they were."""
+  state = dict(state or {})
+  source = state.pop(_SOURCE_KEY, None)
+  if state:
+    batches.set_state(state)
+  if source is not None and hasattr(prepare_batch, "set_state"):
+    prepare_batch.set_state(source)
+
+
 def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num_steps: int, mesh: Mesh,
         tokens_per_batch: int, log_every: int = 50, checkpoints: Optional[RunCheckpoints] = None,
         checkpoint_every: int = 0, name: str = "train", log: Callable[[str], None] = print,
@@ -78,7 +100,7 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
           f"| {rate * tokens_per_batch:,.0f} tok/s | ETA {_clock(eta) if eta == eta else '?'}")
       history.append((done, values))
     if checkpoints is not None and ((checkpoint_every and done % checkpoint_every == 0) or done == num_steps):
-      checkpoints.save(done, state, batches.get_state() if hasattr(batches, "get_state") else None)
+      checkpoints.save(done, state, data_state(batches, prepare_batch))
   if checkpoints is not None:
     checkpoints.wait()
   return state, history
