@@ -35,7 +35,12 @@ def get_config(arg=None):
 
   # train_split takes TFDS slicing over whole works, e.g. 'train[:4]' for a quick run.
   config.data = dict(name="kdjax_shakespeare", data_dir="", seq_len=64, train_split="train", eval_split="validation")
-  config.eval = dict(batch_size=64, max_batches=0)  # 0: the whole split
+  # max_batches 0: the whole split. sample: each model's continuation of the split's first bytes,
+  # within the trained length (prompt + new tokens - 1 <= seq_len).
+  # monitor_batches: the teacher-hacking monitor's fixed train / held-out batches (students'
+  # train.monitor_every sets how often it runs; 0 turns it off).
+  config.eval = dict(batch_size=64, max_batches=0, monitor_batches=4,
+                     sample=dict(prompt_tokens=16, new_tokens=49, temperature=0.8))
 
   config.mesh = dict(data=-1)
   # (regex over parameter paths, one mesh axis or None per dimension); unmatched: replicated.
@@ -52,7 +57,7 @@ def get_config(arg=None):
   )
   config.student = dict(
       model=dict(num_layers=2, num_heads=4, d_model=64, d_ff=192),
-      train=dict(train, steps=800),
+      train=dict(train, steps=800, monitor_every=100),
   )
   # Loss = (1 - kd_weight) * CE(labels) + kd_weight * KL(teacher || student) at temperature T.
   # implementation: how the divergence is computed ('auto': Pallas kernel on GPU/TPU, else the
@@ -102,12 +107,13 @@ def get_config(arg=None):
     config.data.seq_len = 32
     config.eval.max_batches = 4
     config.eval.batch_size = 16
+    config.eval.sample.update(prompt_tokens=8, new_tokens=25)
     # A higher rate so that a few dozen steps learn the byte statistics (~3.7 nats/byte, vs 5.5).
     small = dict(batch_size=16, learning_rate=1e-2, warmup_steps=5, log_every=10, checkpoint_every=20)
     config.teacher.model = dict(num_layers=1, num_heads=2, d_model=32, d_ff=64)
     config.teacher.train.update(small, steps=40)
     config.student.model = dict(num_layers=1, num_heads=2, d_model=16, d_ff=32)
-    config.student.train.update(small, steps=30)
+    config.student.train.update(small, steps=30, monitor_every=10)
   config.lock()
   return config
 

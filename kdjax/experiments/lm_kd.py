@@ -34,6 +34,8 @@ from kdjax.distill import strategies
 from kdjax.distill.distillm import (AdaptiveOffPolicyBatches, AdaptiveOffPolicyConfig, ContrastiveBatches,
                                    DistiLLM2Distillation)
 from kdjax.distill.on_policy import OnPolicyBatches, OnPolicyConfig
+from kdjax.evaluate.teacher_hacking import TeacherHackingMonitor
+from kdjax.models import sampling
 from kdjax.models.decoder import DecoderConfig, DecoderLM, count_params
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
 from kdjax.train.checkpoint import RunCheckpoints
@@ -47,6 +49,7 @@ class TrainedModel:
   params: Any
   num_params: int
   train_seconds: float
+  monitor: Optional[dict] = None  # the teacher-hacking monitor's summary, when one ran
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -64,14 +67,16 @@ def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: i
 def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.ConfigDict, seed: int,
              strategy, teacher: Optional[TrainedModel], train_tokens: np.ndarray, data_cfg, mesh,
              rules, workdir: str, log: Callable[[str], None], window_features=None,
-             batch_source: Optional[Callable] = None) -> TrainedModel:
+             batch_source: Optional[Callable] = None, monitor: Optional[Callable] = None) -> TrainedModel:
   """Trains (or resumes, or restores a finished) model in `workdir/name`.
 
   `window_features` adds per-window batch fields (an offline teacher cache's top-k);
-  `batch_source(graphdef, seed)` makes the loop's batch hook (on-policy samples, DistiLLM's replay).
+  `batch_source(graphdef, seed)` makes the loop's batch hook (on-policy samples, DistiLLM's replay);
+  `monitor(graphdef)` the loop's monitor (teacher hacking), whose `summary()` the result keeps.
   """
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   prepare = None if batch_source is None else batch_source(graphdef, seed)
+  watch = None if monitor is None else monitor(graphdef)
   optimizer = make_optimizer(train_cfg)
   state = state_lib.create_train_state(params, optimizer, seed, mesh, strategy=strategy)
   batches = iter(lm_pipeline.make_lm_dataset(
@@ -96,11 +101,13 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
         state=state, step_fn=step_fn, batches=batches, teacher_params=None if teacher is None else teacher.params,
         num_steps=train_cfg.steps, mesh=mesh, tokens_per_batch=train_cfg.batch_size * data_cfg.seq_len,
         log_every=train_cfg.log_every, checkpoints=checkpoints, checkpoint_every=train_cfg.checkpoint_every,
-        name=name, log=log, prepare_batch=prepare)
+        name=name, log=log, prepare_batch=prepare, monitor=watch,
+        monitor_every=train_cfg.get("monitor_every", 0))
     if prepare is not None:
       log(f"[{name}] batch sources this run: {prepare.counts}")
   checkpoints.close()
-  return TrainedModel(graphdef, state.params, num_params, time.perf_counter() - t0)
+  return TrainedModel(graphdef, state.params, num_params, time.perf_counter() - t0,
+                      None if watch is None or not watch.history else watch.summary())
 
 
 def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np.ndarray, *, data_cfg, eval_cfg,
@@ -122,6 +129,14 @@ def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np
   results["bits_per_byte"] = results["ce"] / math.log(2)
   results["eval_tokens"] = float(totals["ce"][1])
   return results
+
+
+def sample_text(model: TrainedModel, prompt: np.ndarray, *, new_tokens: int, temperature: float, seed: int) -> str:
+  """The model's continuation of the byte prompt, sampled at `temperature` (top-k / top-p off)."""
+  config = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=temperature)
+  generation = sampling.generate(model.graphdef, model.params, jax.numpy.asarray(prompt[None], jax.numpy.int32),
+                                 jax.random.PRNGKey(seed), config=config)
+  return ByteTokenizer().decode(np.asarray(generation.tokens[0])[np.asarray(generation.mask[0])])
 
 
 def _mean_std(values: list[float], digits: int = 4, sign: str = "") -> str:
@@ -242,8 +257,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   results: dict[str, Any] = {"teacher": dict(evaluate(teacher, None), num_params=teacher.num_params,
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
+  sample_cfg = config.eval.sample
+  # The same held-out prompt for every model: the start of the validation split.
+  prompt = eval_tokens[:sample_cfg.prompt_tokens]
+  sample = lambda model: sample_text(model, prompt, new_tokens=sample_cfg.new_tokens,  # noqa: E731
+                                     temperature=sample_cfg.temperature, seed=config.seed)
+  if sample_cfg.new_tokens:
+    results["sample_prompt"] = ByteTokenizer().decode(prompt)
+    results["teacher"]["sample"] = sample(teacher)
   kd = strategies.strategy_from_config(config.distill, vocab_size=vocab, num_steps=config.student.train.steps)
   features, sources = {}, {"student_kd": _batch_source(config, kd, teacher, eval_tokens, mesh)}
+  monitor = None
+  if config.student.train.get("monitor_every"):
+    monitor = lambda graphdef: TeacherHackingMonitor(  # noqa: E731
+        student_forward=step_lib.lm_forward(graphdef), teacher_forward=step_lib.lm_forward(teacher.graphdef),
+        teacher_params=teacher.params, mesh=mesh,
+        train_batches=lm_pipeline.eval_batches(train_tokens, seq_len=data_cfg.seq_len, batch_size=config.eval.batch_size,
+                                               max_batches=config.eval.monitor_batches),
+        eval_batches=lm_pipeline.eval_batches(eval_tokens, seq_len=data_cfg.seq_len, batch_size=config.eval.batch_size,
+                                              max_batches=config.eval.monitor_batches))
   if isinstance(kd, strategies.CachedTeacherDistillation):
     features["student_kd"], results["teacher_cache"] = _teacher_cache(kd, config, teacher, train_tokens, vocab,
                                                                       mesh, workdir, log)
@@ -252,9 +284,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     for seed in range(config.seed, config.seed + config.num_seeds):
       trained = train_lm(name=f"{name}_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
                          seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None,
-                         window_features=features.get(name), batch_source=sources.get(name), **common)
+                         window_features=features.get(name), batch_source=sources.get(name), monitor=monitor,
+                         **common)
       metrics = dict(evaluate(trained, teacher), num_params=trained.num_params, train_seconds=trained.train_seconds,
                      seed=seed)
+      if trained.monitor is not None:
+        metrics["monitor"] = trained.monitor
+      if sample_cfg.new_tokens and seed == config.seed:
+        metrics["sample"] = sample(trained)
       log(f"[{name} seed {seed}] validation CE {metrics['ce']:.4f} nats/byte")
       results[name].append(metrics)
   table = format_table(results)

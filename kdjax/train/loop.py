@@ -43,7 +43,7 @@ def restore_data_state(state: dict, batches: Iterator, prepare_batch: Optional[C
 def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num_steps: int, mesh: Mesh,
         tokens_per_batch: int, log_every: int = 50, checkpoints: Optional[RunCheckpoints] = None,
         checkpoint_every: int = 0, name: str = "train", log: Callable[[str], None] = print,
-        prepare_batch: Optional[Callable] = None):
+        prepare_batch: Optional[Callable] = None, monitor: Optional[Callable] = None, monitor_every: int = 0):
   """Runs `step_fn` from `state.step` up to `num_steps`.
 
   Args:
@@ -61,6 +61,10 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
     log: where progress lines go.
     prepare_batch: `(state, host_batch, teacher_params, step) -> device batch` replacing the plain
       sharding of each batch (e.g. `kdjax.distill.on_policy.OnPolicyBatches`: the student's samples).
+    monitor: `(state, step) -> {name: float}` run every `monitor_every` steps and
+      at the end, its values logged (e.g. `kdjax.evaluate.teacher_hacking.TeacherHackingMonitor`);
+      its time is left out of the tokens/s figure.
+    monitor_every: steps between monitor calls (0: only at the end).
 
   Returns:
     (state, history) with history a list of (step, mean metrics) per logging window.
@@ -99,6 +103,12 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
       log(f"[{name}] step {done}/{num_steps} loss {values['loss']:.4f} {extra} grad_norm {values['grad_norm']:.3f} "
           f"| {rate * tokens_per_batch:,.0f} tok/s | ETA {_clock(eta) if eta == eta else '?'}")
       history.append((done, values))
+    if monitor is not None and ((monitor_every and done % monitor_every == 0) or done == num_steps):
+      began = time.perf_counter()
+      values = monitor(state, done)
+      log(f"[{name}] monitor step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+      if timed_from is not None:
+        timed_from += time.perf_counter() - began
     if checkpoints is not None and ((checkpoint_every and done % checkpoint_every == 0) or done == num_steps):
       checkpoints.save(done, state, data_state(batches, prepare_batch))
   if checkpoints is not None:

@@ -1,0 +1,180 @@
+"""LLM distillation methods on Shakespeare, one results table: `benchmarks/results/llm_distill.md`.
+
+Every method runs through the same entry (`kdjax.experiments.lm_kd`, `configs/shakespeare_kd.py`)
+at equal compute: the same teacher (trained once), the same student architecture, initialisation,
+data order and step count per seed, the same CE-only baseline (trained once per seed and shared
+by all methods). For each method and seed the held-out (Julius Caesar, Twelfth Night) measurements
+are: cross-entropy in nats/byte and perplexity, top-1 agreement with the teacher, forward KL and
+TVD to the teacher, and 1 − TVD, the per-token speculative acceptance rate α of the student as a
+draft for the teacher (DistillSpec); plus the KD student's training wall-clock, a sample from
+seed 0, and the teacher-hacking monitor's proxy / golden history.
+
+  python benchmarks/llm_distill.py                                  # all methods, 3 seeds (~1 h, 2 CPUs)
+  python benchmarks/llm_distill.py --methods=kd_forward_kl,taid --seeds=1
+  python benchmarks/llm_distill.py --runlocal --output=/tmp/x.md   # seconds-long version (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import shakespeare_kd  # noqa: E402
+from kdjax.distill import distillm  # noqa: E402,F401  (imported up front: a sweep must not pick up edits)
+from kdjax.experiments import lm_kd  # noqa: E402
+
+# name -> (the config's method argument, field overrides, what it is)
+METHODS = {
+    "kd_forward_kl": ("logit", {}, "0.1·CE + 0.9·KL(p ‖ q) on the data (Hinton; the README's main job)"),
+    "kd_reverse_kl": ("logit", {"distill.divergence": "reverse_kl"},
+                      "0.1·CE + 0.9·KL(q ‖ p) on the data (MiniLLM's divergence, off-policy)"),
+    "kd_jsd": ("logit", {"distill.divergence": "generalized_jsd", "distill.divergence_kwargs": {"beta": 0.5}},
+               "0.1·CE + 0.9·JSD(β=0.5) on the data (GKD's divergence, off-policy)"),
+    "taid": ("taid", {}, "0.1·CE + 0.9·TAID (CE to the interpolated target, adaptive t from 0.4)"),
+    "teacher_cache": ("teacher_cache", {}, "0.1·CE + 0.9·KL against a cached top-16 teacher (float16, bucket tail)"),
+    "distillm": ("distillm", {}, "DistiLLM: skew KL (α=0.1), adaptive off-policy replay of student samples"),
+    "seqkd": ("logit", {"on_policy.teacher_fraction": 1.0},
+              "sequence-level KD: teacher-sampled continuations (T=0.9), 0.1·CE + 0.9·KL"),
+    "gkd": ("gkd", {}, "GKD: JSD(β=0.5) only, λ=0.5 of the batches sampled from the student (T=0.9)"),
+    "distillm2": ("distillm2", {}, "DistiLLM-2: SKL on teacher samples + SRKL on student samples (β=1)"),
+}
+
+
+def _config(method: str, overrides: dict, *, seeds: int, runlocal: bool, data_dir: str):
+  arg = f"method={method},num_seeds={seeds}" + (",runlocal" if runlocal else "")
+  config = shakespeare_kd.get_config(arg)
+  with config.unlocked():
+    config.data.data_dir = data_dir
+    for path, value in overrides.items():
+      *parents, leaf = path.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+  return config
+
+
+def _share(workdir: str, shared: str, seeds: int) -> None:
+  """Links the teacher and the CE-only students of `shared` into a method's workdir: every method
+  then compares against the very same baseline runs, trained once."""
+  os.makedirs(workdir, exist_ok=True)
+  for name in ["teacher"] + [f"student_ce_seed{s}" for s in range(seeds)]:
+    os.makedirs(os.path.join(shared, name), exist_ok=True)
+    link = os.path.join(workdir, name)
+    if not os.path.lexists(link):
+      os.symlink(os.path.join(shared, name), link)
+
+
+def _stat(values: list[float], digits: int = 4, sign: str = "") -> str:
+  mean = f"{statistics.fmean(values):{sign}.{digits}f}"
+  return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _row(name: str, runs: list[dict], baseline: list[dict], description: str) -> str:
+  column = lambda key, digits=4: _stat([r[key] for r in runs], digits)  # noqa: E731
+  gains = [b["ce"] - r["ce"] for b, r in zip(baseline, runs)]
+  wins = sum(g > 0 for g in gains)
+  seconds = statistics.fmean(r["train_seconds"] for r in runs)
+  return (f"| {name} | {column('ce')} | {_stat(gains, sign='+')} ({wins}/{len(gains)}) | {column('perplexity', 3)} | "
+          f"{column('teacher_agreement', 3)} | {column('kl_to_teacher')} | "
+          f"{_stat([1 - r['tvd_to_teacher'] for r in runs], 3)} | {seconds:.0f} | {description} |")
+
+
+def write_report(results: dict, path: str, *, args) -> str:
+  first = next(iter(results.values()))
+  teacher, baseline = first["teacher"], first["student_ce"]
+  lines = [
+      "# LLM distillation on Shakespeare: every method at equal compute",
+      "",
+      f"Generated by `python benchmarks/llm_distill.py{' --runlocal' if args.runlocal else ''} "
+      f"--seeds={args.seeds}` on {args.machine} ({time.strftime('%Y-%m-%d')}). Byte-level models (vocabulary 256); "
+      f"held-out text: Julius Caesar and Twelfth Night ({int(teacher['eval_tokens']):,} bytes). Each student: "
+      f"the same architecture, initialisation, data order and step count per seed; the CE-only baseline and the "
+      f"teacher are shared by all rows. Mean ± sample std over seeds; gain = CE-only val CE − method's val CE "
+      f"(paired by seed; in parentheses, seeds where the method won). α = 1 − TVD(p, q) is the per-token "
+      f"acceptance rate of the student as a speculative draft for the teacher (temperature 1).",
+      "",
+      f"Teacher: {teacher['num_params']:,} parameters, val CE {teacher['ce']:.4f} nats/byte (perplexity "
+      f"{teacher['perplexity']:.3f}). Students: {baseline[0]['num_params']:,} parameters.",
+      "",
+      "| method | val CE (nats/byte) | gain over CE-only | perplexity | top-1 agreement | KL(p‖q) | α = 1 − TVD | "
+      "train s (KD student) | what |",
+      "|---|---|---|---|---|---|---|---|---|",
+      _row("CE only (no teacher)", baseline, baseline, "cross-entropy on the data"),
+  ]
+  lines += [_row(name, r["student_kd"], baseline, METHODS[name][2]) for name, r in results.items()]
+  cache = results.get("teacher_cache", {}).get("teacher_cache")
+  if cache:
+    online = results.get("kd_forward_kl")
+    lines += ["", f"Offline teacher cache: top-{cache['k']} {cache['value_dtype']} logits + float32 normaliser and "
+              f"tail per byte, {cache['bytes'] / 2**20:.1f} MiB for the training split ({cache['bytes_per_token']:.1f} "
+              f"bytes/token), built in {cache['build_seconds']:.1f} s."]
+    if online:
+      cached_s = statistics.fmean(r["train_seconds"] for r in results["teacher_cache"]["student_kd"])
+      online_s = statistics.fmean(r["train_seconds"] for r in online["student_kd"])
+      lines.append(f"Student training with the cache {cached_s:.0f} s vs {online_s:.0f} s with the teacher run in "
+                   f"every step (kd_forward_kl): {cached_s / online_s:.2f}x.")
+  lines += ["", "## Teacher-hacking monitor (seed 0)", "",
+            "Proxy: forward KL(teacher ‖ student) on fixed training windows; golden: CE on fixed held-out windows "
+            "(nats/byte). Hacking would show as the proxy falling while the golden metric rises.", "",
+            "| method | proxy at 25 / 50 / 75 / 100 % | golden at 25 / 50 / 75 / 100 % | first step proxy ↓ golden ↑ |",
+            "|---|---|---|---|"]
+  runs = [("CE only", baseline[0])] + [(name, r["student_kd"][0]) for name, r in results.items()]
+  for name, run in runs:
+    history = run.get("monitor", {}).get("history", [])
+    if not history:
+      continue
+    picks = [history[min(len(history) - 1, max(0, math.ceil(len(history) * f) - 1))] for f in (0.25, 0.5, 0.75, 1.0)]
+    proxy = " / ".join(f"{h['proxy_kl_train']:.3f}" for h in picks)
+    golden = " / ".join(f"{h['golden_ce_val']:.3f}" for h in picks)
+    lines.append(f"| {name} | {proxy} | {golden} | {run['monitor']['hacking_onset']} |")
+  lines += ["", "## Samples (seed 0, temperature 0.8)", "", f"Prompt: `{first['sample_prompt']!r}`", "",
+            f"- teacher: `{teacher.get('sample', '')!r}`", f"- CE only: `{baseline[0].get('sample', '')!r}`"]
+  lines += [f"- {name}: `{r['student_kd'][0].get('sample', '')!r}`" for name, r in results.items()]
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  return text
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--runlocal", action="store_true", help="the configs' seconds-long variant")
+  parser.add_argument("--workdir", default="workdir/llm_distill")
+  parser.add_argument("--data-dir", default="", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                        "llm_distill.md"))
+  parser.add_argument("--machine", default="this project's 2-core CPU machine (no GPU)")
+  args = parser.parse_args()
+  methods = args.methods.split(",")
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
+  shared = os.path.join(args.workdir, "shared")
+  results = {}
+  for name in methods:
+    method, overrides, _ = METHODS[name]
+    workdir = os.path.join(args.workdir, name)
+    _share(workdir, shared, args.seeds)
+    started = time.perf_counter()
+    results[name] = lm_kd.run(_config(method, overrides, seeds=args.seeds, runlocal=args.runlocal,
+                                      data_dir=args.data_dir), workdir, log=print)
+    print(json.dumps({"method": name, "seconds": round(time.perf_counter() - started, 1),
+                      "val_ce": [r["ce"] for r in results[name]["student_kd"]]}), flush=True)
+    # Rewritten after every method, so an interrupted sweep still leaves its finished rows.
+    report = write_report(results, args.output, args=args)
+  print(report)
+
+
+if __name__ == "__main__":
+  main()
