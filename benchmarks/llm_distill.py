@@ -44,6 +44,7 @@ METHODS = {
               "sequence-level KD: teacher-sampled continuations (T=0.9), 0.1·CE + 0.9·KL"),
     "gkd": ("gkd", {}, "GKD: JSD(β=0.5) only, λ=0.5 of the batches sampled from the student (T=0.9)"),
     "distillm2": ("distillm2", {}, "DistiLLM-2: SKL on teacher samples + SRKL on student samples (β=1)"),
+    "minillm": ("minillm", {}, "MiniLLM: sequence reverse KL by policy gradient on student samples (T=1)"),
 }
 
 
@@ -161,7 +162,7 @@ def main():
   if unknown:
     raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
   shared = os.path.join(args.workdir, "shared")
-  results = {}
+  results, report = {}, ""
   for name in methods:
     method, overrides, _ = METHODS[name]
     workdir = os.path.join(args.workdir, name)
@@ -171,9 +172,21 @@ def main():
                                       data_dir=args.data_dir), workdir, log=print)
     print(json.dumps({"method": name, "seconds": round(time.perf_counter() - started, 1),
                       "val_ce": [r["ce"] for r in results[name]["student_kd"]]}), flush=True)
-    # Rewritten after every method, so an interrupted sweep still leaves its finished rows.
-    report = write_report(results, args.output, args=args)
+    # Rewritten after every method, from every method's results.json in the workdir: an interrupted
+    # sweep still leaves its finished rows, and a sweep of a few methods adds to the earlier ones.
+    report = write_report(_finished(args.workdir), args.output, args=args)
   print(report)
+
+
+def _finished(workdir: str) -> dict:
+  """The results of every method (in table order) whose run in `workdir` finished."""
+  out = {}
+  for name in METHODS:
+    path = os.path.join(workdir, name, "results.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[name] = json.load(f)["results"]
+  return out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Three seeds of both students (the README's table): `--config=configs/shakespeare
 CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
 Other methods through the same experiment: `:method=gkd` (on-policy GKD), `:method=distillm` and
 `:method=distillm2` (DistiLLM's adaptive off-policy skew KL, DistiLLM-2's contrastive loss),
+`:method=minillm` (reverse KL by policy gradient),
 `:method=taid` (TAID's moving target),
 `:method=teacher_cache` (an offline top-k teacher precomputed into array_record).
 
@@ -87,6 +88,10 @@ def get_config(arg=None):
   elif arg.method == "distillm2":
     # DistiLLM-2: (2 − β)·SKL on teacher continuations + β·SRKL on the student's, same prompts.
     config.distill = dict(method="distillm2", alpha=0.1, beta=1.0, temperature=1.0)
+  elif arg.method == "minillm":
+    # MiniLLM: sequence-level reverse KL by policy gradient on the student's own samples (every batch).
+    config.distill = dict(method="minillm", gamma=1.0, length_normalize=True, temperature=1.0)
+    config.on_policy.update(student_fraction=1.0, temperature=1.0)
   elif arg.method == "taid":
     # TAID: the target moves from the student to the teacher (kdjax.distill.strategies.TAIDDistillation);
     # the paper's schedule constants, pure distillation unless kd_weight says otherwise.
@@ -99,7 +104,8 @@ def get_config(arg=None):
                           kd_weight=arg.kd_weight, temperature=arg.temperature, tail="bucket", top_k=16,
                           value_dtype="float16", implementation="auto")
   elif arg.method != "logit":
-    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, gkd, distillm, distillm2, taid, teacher_cache")
+    raise ValueError(f"unknown method {arg.method!r} for this config; known: logit, gkd, distillm, distillm2, "
+                     "minillm, taid, teacher_cache")
 
   if arg.runlocal:
     if "adaptive_off_policy" in config:

@@ -261,6 +261,46 @@ class CachedTeacherDistillation:
     return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, metrics)
 
 
+@dataclasses.dataclass(frozen=True)
+class MiniLLMDistillation:
+  """MiniLLM: sequence-level reverse KL(q ‖ p) by policy gradient on the student's own samples.
+
+  The batch is the student's continuations (`kdjax.distill.on_policy.OnPolicyBatches` with
+  `student_fraction=1`); the loss is `kdjax.losses.reverse_kl_policy_gradient`'s surrogate averaged
+  over continuation tokens: the exact per-token reverse KL plus the policy-gradient term of the
+  future rewards log p − log q. `kd` reports the per-token reverse KL, `reward` the mean r_t.
+
+  Attributes:
+    gamma: discount of future rewards.
+    length_normalize: MiniLLM's normalisation of the future return by its length.
+    temperature: T.
+  """
+
+  gamma: float = 1.0
+  length_normalize: bool = True
+  temperature: float = 1.0
+
+  uses_teacher = True
+  uses_head = False
+
+  def __call__(self, student_out, teacher_out, batch, step):
+    del step
+    logits = student_out["logits"]
+    teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
+    mask = batch["mask"].astype(bool)
+    surrogate, parts = losses.reverse_kl_policy_gradient(
+        logits, teacher_logits, batch["targets"], where=mask, gamma=self.gamma,
+        length_normalize=self.length_normalize, temperature=self.temperature)
+    total, count = losses.masked_sum_count(surrogate, mask)
+    metrics: Metrics = {
+        "loss": (total, count), "kd": losses.masked_sum_count(parts["single_step"], mask),
+        "reward": losses.masked_sum_count(parts["reward"], mask),
+        "ce": losses.masked_sum_count(losses.cross_entropy(logits, batch["targets"], where=mask), mask),
+        "teacher_agreement": losses.masked_sum_count(
+            (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32), mask)}
+    return losses.safe_mean(total, count), metrics
+
+
 def _objective(ce: Array, divergence: Optional[Callable[[Any], Array]], mask: Array, step, kd_weight,
                temperature, metrics: Metrics) -> tuple[Array, Metrics]:
   """(1 − α)·CE + α·D averaged over kept tokens, with the metrics of both strategies.
@@ -320,6 +360,7 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
     taid: `TAIDDistillation`: kd_weight, temperature, label_smoothing, and taid = {t_start, t_end,
       alpha, beta, adaptive}.
     distillm2: `kdjax.distill.distillm.DistiLLM2Distillation`: alpha, beta, temperature.
+    minillm: `MiniLLMDistillation`: gamma, length_normalize, temperature (batches: the student's samples).
     teacher_cache: `CachedTeacherDistillation` (an offline top-k teacher): divergence,
       divergence_kwargs, kd_weight, temperature (a number), label_smoothing, implementation, tail,
       top_k, and value_dtype (the cache's, read by the experiment that builds it).
@@ -332,7 +373,7 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
   cfg = dict(config)
   method = cfg.pop("method", "logit")
   builders = {"logit": _logit_strategy, "taid": _taid_strategy, "teacher_cache": _cache_strategy,
-              "distillm2": _distillm2_strategy}
+              "distillm2": _distillm2_strategy, "minillm": _minillm_strategy}
   if method not in builders:
     raise ValueError(f"unknown distill method {method!r}; known: {sorted(builders)}")
   return builders[method](cfg, vocab_size=vocab_size, num_steps=num_steps)
@@ -354,6 +395,16 @@ def _taid_strategy(cfg: dict, *, vocab_size, num_steps) -> TAIDDistillation:
   return TAIDDistillation(num_steps=num_steps, kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
                           temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
                           label_smoothing=float(cfg.get("label_smoothing", 0.0)), **taid)
+
+
+def _minillm_strategy(cfg: dict, *, vocab_size, num_steps) -> MiniLLMDistillation:
+  del vocab_size, num_steps
+  _check_keys(cfg, {"gamma", "length_normalize", "temperature"}, "minillm")
+  gamma = float(cfg.get("gamma", 1.0))
+  if not 0.0 <= gamma <= 1.0:
+    raise ValueError(f"MiniLLM's gamma must lie in [0, 1], got {gamma}")
+  return MiniLLMDistillation(gamma=gamma, length_normalize=bool(cfg.get("length_normalize", True)),
+                             temperature=float(cfg.get("temperature", 1.0)))
 
 
 def _distillm2_strategy(cfg: dict, *, vocab_size, num_steps):

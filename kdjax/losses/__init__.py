@@ -21,6 +21,7 @@ from kdjax.losses.logits import (
     hinton_kd,
     standardize_logits,
 )
+from kdjax.losses.policy import reverse_kl_policy_gradient
 from kdjax.losses.sparse import teacher_topk, topk_divergence
 from kdjax.losses.tokens import (ChunkAlignment, PositionAlignment, align_chunks, align_positions, alm,
                                  chunk_log_likelihoods, gather_position_pairs, stack_alignments, uld)
@@ -43,6 +44,6 @@ __all__ = [
     "ChunkAlignment", "DIVERGENCES", "PositionAlignment", "align_chunks", "align_positions", "alm",
     "chunk_log_likelihoods", "gather_position_pairs", "stack_alignments", "uld", "ab_divergence", "adaptive_kl", "align_vocab", "cross_entropy", "deit_hard_distillation",
     "deit_soft_distillation", "dist", "dkd", "forward_kl", "generalized_jsd", "hinton_kd",
-    "mask_vocab", "masked_mean", "masked_sum_count", "reverse_kl", "safe_mean", "skew_kl",
+    "mask_vocab", "masked_mean", "masked_sum_count", "reverse_kl", "reverse_kl_policy_gradient", "safe_mean", "skew_kl",
     "skew_reverse_kl", "standardize_logits", "taid", "teacher_topk", "topk_divergence", "total_variation",
 ]
