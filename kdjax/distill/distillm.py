@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import losses
+from kdjax.distill import strategies
 from kdjax.distill.on_policy import OnPolicyBatches, OnPolicyConfig
 from kdjax.losses import common
 from kdjax.train import sharding as sharding_lib
@@ -195,6 +196,5 @@ class DistiLLM2Distillation:
     ce = losses.cross_entropy(logits, batch["targets"], where=teacher_rows)
     metrics = {"loss": (total, count), "kd": (total, count), "skl": (skl_sum, skl_count),
                "srkl": (srkl_sum, srkl_count), "ce": losses.masked_sum_count(ce, teacher_rows),
-               "teacher_agreement": losses.masked_sum_count(
-                   (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32), mask)}
+               "teacher_agreement": strategies.top1_match(logits, jnp.argmax(teacher_logits, -1), mask)}
     return losses.safe_mean(total, count), metrics

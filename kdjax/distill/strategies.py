@@ -42,6 +42,12 @@ def divergence_by_name(name: str) -> Callable[..., Array]:
   return DIVERGENCES[name]
 
 
+def top1_match(logits: Array, ids: Array, mask: Array) -> tuple[Array, Array]:
+  """(sum, count) of argmax(logits) == ids over kept positions: accuracy against labels, or
+  top-1 agreement against the teacher's argmax."""
+  return losses.masked_sum_count((jnp.argmax(logits, -1) == ids).astype(jnp.float32), mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class LogitDistillation:
   """(1 − α)·CE(student, labels) + α·D(teacher ‖ student), averaged over kept tokens.
@@ -76,13 +82,11 @@ class LogitDistillation:
     logits = student_out["logits"]
     mask = batch["mask"].astype(bool)
     ce = losses.cross_entropy(logits, batch["targets"], where=mask, label_smoothing=self.label_smoothing)
-    metrics: Metrics = {"accuracy": losses.masked_sum_count(
-        (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32), mask)}
+    metrics: Metrics = {"accuracy": top1_match(logits, batch["targets"], mask)}
     divergence = None
     if self.uses_teacher:
       teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
-      metrics["teacher_agreement"] = losses.masked_sum_count(
-          (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32), mask)
+      metrics["teacher_agreement"] = top1_match(logits, jnp.argmax(teacher_logits, -1), mask)
       divergence = lambda temperature: self.divergence(  # noqa: E731
           logits, teacher_logits, temperature=temperature, where=mask, **dict(self.divergence_kwargs))
     return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, metrics)
@@ -249,9 +253,8 @@ class CachedTeacherDistillation:
     indices = batch["teacher_indices"].astype(jnp.int32)
     raw = batch["teacher_values"].astype(jnp.float32)
     metrics: Metrics = {
-        "accuracy": losses.masked_sum_count((jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32), mask),
-        "teacher_agreement": losses.masked_sum_count(
-            (jnp.argmax(logits, -1) == indices[..., 0]).astype(jnp.float32), mask)}
+        "accuracy": top1_match(logits, batch["targets"], mask),
+        "teacher_agreement": top1_match(logits, indices[..., 0], mask)}
     # bucket wants log p at T (exact from the cached normaliser); renormalize takes the logits.
     values = raw / self.temperature - batch["teacher_lse"][..., None] if self.tail == "bucket" else raw
     divergence = lambda temperature: kernels.fused_topk_divergence(  # noqa: E731
@@ -296,8 +299,7 @@ class MiniLLMDistillation:
         "loss": (total, count), "kd": losses.masked_sum_count(parts["single_step"], mask),
         "reward": losses.masked_sum_count(parts["reward"], mask),
         "ce": losses.masked_sum_count(losses.cross_entropy(logits, batch["targets"], where=mask), mask),
-        "teacher_agreement": losses.masked_sum_count(
-            (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32), mask)}
+        "teacher_agreement": top1_match(logits, jnp.argmax(teacher_logits, -1), mask)}
     return losses.safe_mean(total, count), metrics
 
 
