@@ -45,6 +45,7 @@ METHODS = {
     "gkd": ("gkd", {}, "GKD: JSD(β=0.5) only, λ=0.5 of the batches sampled from the student (T=0.9)"),
     "distillm2": ("distillm2", {}, "DistiLLM-2: SKL on teacher samples + SRKL on student samples (β=1)"),
     "minillm": ("minillm", {}, "MiniLLM: sequence reverse KL by policy gradient on student samples (T=1)"),
+    "adaspec": ("adaspec", {}, "AdaSPEC: KL on the 40% of tokens the draft lags a KL-distilled reference most"),
 }
 
 

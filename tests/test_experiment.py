@@ -69,7 +69,7 @@ def test_entry_point_runs_runlocal_and_writes_results(tmp_path, data_dir):
   assert " steps of " not in again.stdout, again.stdout[-3000:]
 
 
-@pytest.mark.parametrize("method", ["gkd", "distillm", "distillm2", "minillm", "taid", "teacher_cache"])
+@pytest.mark.parametrize("method", ["gkd", "distillm", "distillm2", "minillm", "adaspec", "taid", "teacher_cache"])
 def test_other_methods_run_through_the_same_experiment(tmp_path, data_dir, method):
   """GKD (on-policy batches), TAID (stateful strategy) and the offline teacher cache (no teacher in
   the step) on four works."""

@@ -303,6 +303,59 @@ class MiniLLMDistillation:
     return losses.safe_mean(total, count), metrics
 
 
+def top_fraction_mask(scores: Array, mask: Array, fraction: float) -> Array:
+  """The kept positions whose score is among the top `fraction` of all kept scores of the batch.
+
+  The threshold is the ⌈fraction·n⌉-th largest of the n kept scores (ties at it are kept too), so
+  at least one position survives whenever any is kept.
+  """
+  flat = jnp.where(mask, scores, -jnp.inf).reshape(-1)
+  kept = jnp.sum(mask)
+  rank = jnp.clip(jnp.ceil(fraction * kept).astype(jnp.int32), 1, flat.shape[0]) - 1
+  threshold = jnp.sort(flat)[::-1][rank]
+  return mask & (scores >= threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaSPECDistillation:
+  """AdaSPEC (selective KD for speculative-decoding drafts): train only on the tokens the draft can learn.
+
+  A reference model is first distilled from the target with forward KL (the experiment trains it,
+  `teacher_out['reference_logits']`); then per token Δ = KL(p ‖ q_draft) − KL(p ‖ q_ref) (no
+  gradient) measures how far the draft lags what a model of its size reaches, and the draft is
+  trained with the divergence on the `keep_fraction` of kept tokens with the largest Δ only:
+  hard tokens even the reference cannot fit are left out, so capacity goes where it raises the
+  acceptance rate. `selected` reports the fraction of tokens trained on.
+
+  Attributes:
+    divergence: the per-token loss on the selected tokens (forward KL in the paper).
+    keep_fraction: the share of kept tokens trained on (0.4 in the paper).
+    kd_weight: α of (1 − α)·CE + α·D, both over the selected tokens.
+    temperature: T.
+  """
+
+  divergence: Callable[..., Array] = losses.forward_kl
+  keep_fraction: float = 0.4
+  kd_weight: Any = 1.0
+  temperature: Any = 1.0
+
+  uses_teacher = True
+  uses_head = False
+
+  def __call__(self, student_out, teacher_out, batch, step):
+    logits = student_out["logits"]
+    teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
+    reference_logits = jax.lax.stop_gradient(teacher_out["reference_logits"])
+    mask = batch["mask"].astype(bool)
+    gap = jax.lax.stop_gradient(losses.forward_kl(logits, teacher_logits, where=mask)
+                                - losses.forward_kl(reference_logits, teacher_logits, where=mask))
+    selected = top_fraction_mask(gap, mask, self.keep_fraction)
+    inner = LogitDistillation(self.divergence, kd_weight=self.kd_weight, temperature=self.temperature)
+    loss, metrics = inner(student_out, teacher_out, dict(batch, mask=selected), step)
+    metrics["selected"] = losses.masked_sum_count(selected.astype(jnp.float32), mask)
+    return loss, metrics
+
+
 def _objective(ce: Array, divergence: Optional[Callable[[Any], Array]], mask: Array, step, kd_weight,
                temperature, metrics: Metrics) -> tuple[Array, Metrics]:
   """(1 − α)·CE + α·D averaged over kept tokens, with the metrics of both strategies.
@@ -363,6 +416,8 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
       alpha, beta, adaptive}.
     distillm2: `kdjax.distill.distillm.DistiLLM2Distillation`: alpha, beta, temperature.
     minillm: `MiniLLMDistillation`: gamma, length_normalize, temperature (batches: the student's samples).
+    adaspec: `AdaSPECDistillation`: divergence, keep_fraction, kd_weight, temperature (the experiment
+      first distils the reference model with forward KL).
     teacher_cache: `CachedTeacherDistillation` (an offline top-k teacher): divergence,
       divergence_kwargs, kd_weight, temperature (a number), label_smoothing, implementation, tail,
       top_k, and value_dtype (the cache's, read by the experiment that builds it).
@@ -375,7 +430,7 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
   cfg = dict(config)
   method = cfg.pop("method", "logit")
   builders = {"logit": _logit_strategy, "taid": _taid_strategy, "teacher_cache": _cache_strategy,
-              "distillm2": _distillm2_strategy, "minillm": _minillm_strategy}
+              "distillm2": _distillm2_strategy, "minillm": _minillm_strategy, "adaspec": _adaspec_strategy}
   if method not in builders:
     raise ValueError(f"unknown distill method {method!r}; known: {sorted(builders)}")
   return builders[method](cfg, vocab_size=vocab_size, num_steps=num_steps)
@@ -397,6 +452,17 @@ def _taid_strategy(cfg: dict, *, vocab_size, num_steps) -> TAIDDistillation:
   return TAIDDistillation(num_steps=num_steps, kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
                           temperature=schedules.make_schedule(cfg.get("temperature", 1.0)),
                           label_smoothing=float(cfg.get("label_smoothing", 0.0)), **taid)
+
+
+def _adaspec_strategy(cfg: dict, *, vocab_size, num_steps) -> AdaSPECDistillation:
+  del vocab_size, num_steps
+  _check_keys(cfg, {"divergence", "keep_fraction", "kd_weight", "temperature"}, "adaspec")
+  fraction = float(cfg.get("keep_fraction", 0.4))
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"AdaSPEC's keep_fraction must lie in (0, 1], got {fraction}")
+  return AdaSPECDistillation(divergence=divergence_by_name(cfg.get("divergence", "forward_kl")), keep_fraction=fraction,
+                             kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
+                             temperature=schedules.make_schedule(cfg.get("temperature", 1.0)))
 
 
 def _minillm_strategy(cfg: dict, *, vocab_size, num_steps) -> MiniLLMDistillation:

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from kdjax import losses
 from kdjax.data import lm_pipeline, teacher_cache, text_sources
 from kdjax.data.tokenizers import ByteTokenizer
 from kdjax.distill import strategies
@@ -67,12 +68,14 @@ def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: i
 def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.ConfigDict, seed: int,
              strategy, teacher: Optional[TrainedModel], train_tokens: np.ndarray, data_cfg, mesh,
              rules, workdir: str, log: Callable[[str], None], window_features=None,
-             batch_source: Optional[Callable] = None, monitor: Optional[Callable] = None) -> TrainedModel:
+             batch_source: Optional[Callable] = None, monitor: Optional[Callable] = None,
+             teacher_forward: Optional[Callable] = None) -> TrainedModel:
   """Trains (or resumes, or restores a finished) model in `workdir/name`.
 
   `window_features` adds per-window batch fields (an offline teacher cache's top-k);
   `batch_source(graphdef, seed)` makes the loop's batch hook (on-policy samples, DistiLLM's replay);
-  `monitor(graphdef)` the loop's monitor (teacher hacking), whose `summary()` the result keeps.
+  `monitor(graphdef)` the loop's monitor (teacher hacking), whose `summary()` the result keeps;
+  `teacher_forward` replaces the teacher's plain forward (AdaSPEC's teacher + reference pair).
   """
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(seed)), mesh, rules)
   prepare = None if batch_source is None else batch_source(graphdef, seed)
@@ -95,7 +98,8 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
     step_fn = step_lib.make_distill_step(
         state=state, teacher_params=None if teacher is None else teacher.params, mesh=mesh,
         student_forward=step_lib.lm_forward(graphdef, head=strategy.uses_head),
-        teacher_forward=None if teacher is None else step_lib.lm_forward(teacher.graphdef, head=strategy.uses_head),
+        teacher_forward=teacher_forward or (None if teacher is None else
+                                            step_lib.lm_forward(teacher.graphdef, head=strategy.uses_head)),
         strategy=strategy, optimizer=optimizer)
     state, _ = loop.fit(
         state=state, step_fn=step_fn, batches=batches, teacher_params=None if teacher is None else teacher.params,
@@ -168,6 +172,18 @@ def format_table(results: dict) -> str:
                 f"({cache['bytes_per_token']:.1f} bytes/token, {cache['value_dtype']} logits), built in "
                 f"{cache['build_seconds']:.1f} s" + (" (reused)" if cache["reused"] else ""))
   return "\n".join(rows)
+
+
+def _with_reference(teacher: TrainedModel, reference: TrainedModel) -> tuple[TrainedModel, Callable]:
+  """AdaSPEC's step teacher: the target and the reference together, one forward giving both logits."""
+  target, ref = step_lib.lm_forward(teacher.graphdef), step_lib.lm_forward(reference.graphdef)
+
+  def forward(params, batch):
+    return {"logits": target(params["teacher"], batch)["logits"],
+            "reference_logits": ref(params["reference"], batch)["logits"]}
+
+  pair = dataclasses.replace(teacher, params={"teacher": teacher.params, "reference": reference.params})
+  return pair, forward
 
 
 def _batch_source(config, strategy, teacher: TrainedModel, eval_tokens, mesh) -> Optional[Callable]:
@@ -282,10 +298,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   for name, strategy in (("student_ce", ce_only), ("student_kd", kd)):
     results[name] = []
     for seed in range(config.seed, config.seed + config.num_seeds):
+      run_teacher, teacher_forward = teacher if strategy.uses_teacher else None, None
+      if name == "student_kd" and isinstance(kd, strategies.AdaSPECDistillation):
+        reference = train_lm(name=f"reference_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
+                             seed=seed, strategy=strategies.LogitDistillation(losses.forward_kl, kd_weight=1.0),
+                             teacher=teacher, **common)
+        results.setdefault("reference", []).append(dict(evaluate(reference, teacher), seed=seed))
+        run_teacher, teacher_forward = _with_reference(teacher, reference)
       trained = train_lm(name=f"{name}_seed{seed}", model_cfg=student_cfg, train_cfg=config.student.train,
-                         seed=seed, strategy=strategy, teacher=teacher if strategy.uses_teacher else None,
-                         window_features=features.get(name), batch_source=sources.get(name), monitor=monitor,
-                         **common)
+                         seed=seed, strategy=strategy, teacher=run_teacher, window_features=features.get(name),
+                         batch_source=sources.get(name), monitor=monitor, teacher_forward=teacher_forward, **common)
       metrics = dict(evaluate(trained, teacher), num_params=trained.num_params, train_seconds=trained.train_seconds,
                      seed=seed)
       if trained.monitor is not None:
