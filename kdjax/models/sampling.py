@@ -193,6 +193,21 @@ def sample(key: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[j
   return ids, logprobs[..., 0]
 
 
+def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Log-probabilities ``[..., V]`` of the whole distribution :func:`sample` draws an id from.
+
+  ``log_softmax(filter_logits(z))``; for greedy decoding the point mass at ``argmax z`` (0 there,
+  ``-inf`` elsewhere), so that a draw from it is the argmax. Speculative decoding needs the full
+  vectors of both models, not just the log-probability of the drawn id.
+  """
+  if config.is_greedy:
+    top = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=bool)
+    return jnp.where(top, 0.0, -jnp.inf).astype(jnp.float32)
+  filtered = filter_logits(logits, temperature=config.temperature, top_k=config.top_k,
+                           top_p=config.top_p)
+  return jax.nn.log_softmax(filtered, axis=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation.
 
