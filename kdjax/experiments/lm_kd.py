@@ -135,6 +135,27 @@ def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np
   return results
 
 
+def restore_model(config: ml_collections.ConfigDict, workdir: str, name: str) -> TrainedModel:
+  """A finished model of a run of this experiment (`teacher`, `student_ce_seed0`, `student_kd_seed1`, ...)
+  restored from its checkpoint in `workdir` (for analyses after the run, e.g. speculative decoding)."""
+  role = "teacher" if name == "teacher" else "student"
+  model_cfg = _model_config(config[role].model, vocab_size=ByteTokenizer.vocab_size, seq_len=config.data.seq_len)
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)), mesh,
+                                                    [tuple(r) for r in config.sharding_rules])
+  strategy = None
+  if name.startswith("student_kd"):  # a stateful strategy's state is part of the checkpoint
+    strategy = strategies.strategy_from_config(config.distill, vocab_size=ByteTokenizer.vocab_size,
+                                               num_steps=config.student.train.steps)
+  state = state_lib.create_train_state(params, make_optimizer(config[role].train), 0, mesh, strategy=strategy)
+  checkpoints = RunCheckpoints(os.path.join(workdir, name))
+  if checkpoints.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint of {name!r} in {workdir}")
+  state, _ = checkpoints.restore(state)
+  checkpoints.close()
+  return TrainedModel(graphdef, state.params, count_params(nnx.merge(graphdef, state.params)), 0.0)
+
+
 def sample_text(model: TrainedModel, prompt: np.ndarray, *, new_tokens: int, temperature: float, seed: int) -> str:
   """The model's continuation of the byte prompt, sampled at `temperature` (top-k / top-p off)."""
   config = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=temperature)
