@@ -69,12 +69,22 @@ def test_entry_point_runs_runlocal_and_writes_results(tmp_path, data_dir):
   assert " steps of " not in again.stdout, again.stdout[-3000:]
 
 
+@pytest.fixture(scope="module")
+def shared_runs(tmp_path_factory):
+  """A directory whose teacher and CE-only student the method tests share (trained by the first)."""
+  return tmp_path_factory.mktemp("shared_runs")
+
+
 @pytest.mark.parametrize("method", ["gkd", "distillm", "distillm2", "minillm", "adaspec", "taid", "teacher_cache"])
-def test_other_methods_run_through_the_same_experiment(tmp_path, data_dir, method):
-  """GKD (on-policy batches), TAID (stateful strategy) and the offline teacher cache (no teacher in
-  the step) on four works."""
+def test_other_methods_run_through_the_same_experiment(tmp_path, data_dir, shared_runs, method):
+  """Every method of the config through the same experiment on four works: on-policy batches (GKD,
+  DistiLLM, DistiLLM-2, MiniLLM), a reference model (AdaSPEC), a stateful strategy (TAID), an
+  offline teacher (no teacher in the step). The teacher and the CE-only student are shared."""
   config = _runlocal_config(data_dir, f"runlocal,method={method}")
   config.data.train_split = "train[:4]"
+  for name in ("teacher", "student_ce_seed0"):
+    (shared_runs / name).mkdir(exist_ok=True)
+    (tmp_path / name).symlink_to(shared_runs / name)
   results = lm_kd.run(config, str(tmp_path), log=lambda line: None)
   for name, run in _models(results):
     # MiniLLM's reverse-KL policy gradient moves a student that starts uniform slowly (its

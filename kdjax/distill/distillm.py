@@ -181,9 +181,7 @@ class DistiLLM2Distillation:
 
   def __call__(self, student_out, teacher_out, batch, step):
     del step
-    logits = student_out["logits"]
-    teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
-    mask = batch["mask"].astype(bool)
+    logits, teacher_logits, mask = strategies.logit_inputs(student_out, teacher_out, batch)
     student_rows = (batch["is_student"] > 0)[:, None] & mask
     teacher_rows = ~(batch["is_student"] > 0)[:, None] & mask
     skl = losses.skew_kl(logits, teacher_logits, alpha=self.alpha, temperature=self.temperature, where=teacher_rows)

@@ -42,6 +42,12 @@ def divergence_by_name(name: str) -> Callable[..., Array]:
   return DIVERGENCES[name]
 
 
+def logit_inputs(student_out, teacher_out, batch) -> tuple[Array, Optional[Array], Array]:
+  """(student logits, the teacher's as a constant or None without a teacher, the boolean mask)."""
+  teacher = None if teacher_out is None else jax.lax.stop_gradient(teacher_out["logits"])
+  return student_out["logits"], teacher, batch["mask"].astype(bool)
+
+
 def top1_match(logits: Array, ids: Array, mask: Array) -> tuple[Array, Array]:
   """(sum, count) of argmax(logits) == ids over kept positions: accuracy against labels, or
   top-1 agreement against the teacher's argmax."""
@@ -79,13 +85,11 @@ class LogitDistillation:
   uses_head = False  # the step hands it logits (see `HeadDistillation` for hidden states + head)
 
   def __call__(self, student_out, teacher_out, batch, step):
-    logits = student_out["logits"]
-    mask = batch["mask"].astype(bool)
+    logits, teacher_logits, mask = logit_inputs(student_out, teacher_out if self.uses_teacher else None, batch)
     ce = losses.cross_entropy(logits, batch["targets"], where=mask, label_smoothing=self.label_smoothing)
     metrics: Metrics = {"accuracy": top1_match(logits, batch["targets"], mask)}
     divergence = None
     if self.uses_teacher:
-      teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
       metrics["teacher_agreement"] = top1_match(logits, jnp.argmax(teacher_logits, -1), mask)
       divergence = lambda temperature: self.divergence(  # noqa: E731
           logits, teacher_logits, temperature=temperature, where=mask, **dict(self.divergence_kwargs))
@@ -288,9 +292,7 @@ class MiniLLMDistillation:
 
   def __call__(self, student_out, teacher_out, batch, step):
     del step
-    logits = student_out["logits"]
-    teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
-    mask = batch["mask"].astype(bool)
+    logits, teacher_logits, mask = logit_inputs(student_out, teacher_out, batch)
     surrogate, parts = losses.reverse_kl_policy_gradient(
         logits, teacher_logits, batch["targets"], where=mask, gamma=self.gamma,
         length_normalize=self.length_normalize, temperature=self.temperature)
@@ -343,10 +345,8 @@ class AdaSPECDistillation:
   uses_head = False
 
   def __call__(self, student_out, teacher_out, batch, step):
-    logits = student_out["logits"]
-    teacher_logits = jax.lax.stop_gradient(teacher_out["logits"])
+    logits, teacher_logits, mask = logit_inputs(student_out, teacher_out, batch)
     reference_logits = jax.lax.stop_gradient(teacher_out["reference_logits"])
-    mask = batch["mask"].astype(bool)
     gap = jax.lax.stop_gradient(losses.forward_kl(logits, teacher_logits, where=mask)
                                 - losses.forward_kl(reference_logits, teacher_logits, where=mask))
     selected = top_fraction_mask(gap, mask, self.keep_fraction)
