@@ -110,8 +110,25 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
     if prepare is not None:
       log(f"[{name}] batch sources this run: {prepare.counts}")
   checkpoints.close()
-  return TrainedModel(graphdef, state.params, num_params, time.perf_counter() - t0,
-                      None if watch is None or not watch.history else watch.summary())
+  facts = _run_facts(os.path.join(workdir, name), time.perf_counter() - t0,
+                     None if watch is None or not watch.history else watch.summary())
+  return TrainedModel(graphdef, state.params, num_params, facts["train_seconds"], facts["monitor"])
+
+
+def _run_facts(directory: str, seconds: float, monitor: Optional[dict]) -> dict:
+  """The run's training seconds over all its invocations and its latest monitor summary, kept in
+  `directory/run_facts.json`, so a finished run restored later reports what its training took."""
+  path = os.path.join(directory, "run_facts.json")
+  facts = {"train_seconds": 0.0, "monitor": None}
+  if os.path.exists(path):
+    with open(path) as f:
+      facts.update(json.load(f))
+  facts["train_seconds"] += seconds
+  if monitor is not None:
+    facts["monitor"] = monitor
+  with open(path, "w") as f:
+    json.dump(facts, f)
+  return facts
 
 
 def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np.ndarray, *, data_cfg, eval_cfg,
