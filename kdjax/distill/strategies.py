@@ -503,7 +503,8 @@ def _cache_strategy(cfg: dict, *, vocab_size, num_steps) -> CachedTeacherDistill
     raise ValueError(f"top_k must lie in [1, {vocab_size}], got {k}")
   kernels.resolve_implementation(cfg.get("implementation", "auto"), 0)
   strategy = CachedTeacherDistillation(
-      divergence=name, k=k, tail=cfg.get("tail", "bucket"), kd_weight=schedules.make_schedule(cfg.get("kd_weight", 0.5)),
+      divergence=name, k=k, tail=cfg.get("tail", "bucket"),
+      kd_weight=schedules.make_schedule(cfg.get("kd_weight", 0.5)),
       temperature=float(temperature), divergence_kwargs=tuple(sorted(dict(cfg.get("divergence_kwargs") or {}).items())),
       label_smoothing=float(cfg.get("label_smoothing", 0.0)), implementation=cfg.get("implementation", "auto"))
   if strategy.tail not in topk.TAILS:

@@ -212,6 +212,18 @@ def format_table(results: dict) -> str:
   return "\n".join(rows)
 
 
+def _monitor(config, teacher: TrainedModel, train_tokens, eval_tokens, mesh) -> Optional[Callable]:
+  """`graphdef -> TeacherHackingMonitor` on the first `eval.monitor_batches` windows of each split,
+  or None when `student.train.monitor_every` is 0."""
+  if not config.student.train.get("monitor_every"):
+    return None
+  windows = lambda tokens: lm_pipeline.eval_batches(  # noqa: E731
+      tokens, seq_len=config.data.seq_len, batch_size=config.eval.batch_size, max_batches=config.eval.monitor_batches)
+  return lambda graphdef: TeacherHackingMonitor(
+      student_forward=step_lib.lm_forward(graphdef), teacher_forward=step_lib.lm_forward(teacher.graphdef),
+      teacher_params=teacher.params, train_batches=windows(train_tokens), eval_batches=windows(eval_tokens), mesh=mesh)
+
+
 def _with_reference(teacher: TrainedModel, reference: TrainedModel) -> tuple[TrainedModel, Callable]:
   """AdaSPEC's step teacher: the target and the reference together, one forward giving both logits."""
   target, ref = step_lib.lm_forward(teacher.graphdef), step_lib.lm_forward(reference.graphdef)
@@ -321,15 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     results["teacher"]["sample"] = sample(teacher)
   kd = strategies.strategy_from_config(config.distill, vocab_size=vocab, num_steps=config.student.train.steps)
   features, sources = {}, {"student_kd": _batch_source(config, kd, teacher, eval_tokens, mesh)}
-  monitor = None
-  if config.student.train.get("monitor_every"):
-    monitor = lambda graphdef: TeacherHackingMonitor(  # noqa: E731
-        student_forward=step_lib.lm_forward(graphdef), teacher_forward=step_lib.lm_forward(teacher.graphdef),
-        teacher_params=teacher.params, mesh=mesh,
-        train_batches=lm_pipeline.eval_batches(train_tokens, seq_len=data_cfg.seq_len, batch_size=config.eval.batch_size,
-                                               max_batches=config.eval.monitor_batches),
-        eval_batches=lm_pipeline.eval_batches(eval_tokens, seq_len=data_cfg.seq_len, batch_size=config.eval.batch_size,
-                                              max_batches=config.eval.monitor_batches))
+  monitor = _monitor(config, teacher, train_tokens, eval_tokens, mesh)
   if isinstance(kd, strategies.CachedTeacherDistillation):
     features["student_kd"], results["teacher_cache"] = _teacher_cache(kd, config, teacher, train_tokens, vocab,
                                                                       mesh, workdir, log)

@@ -11,9 +11,10 @@ The teacher is k (value, id) pairs per token, S its support; the student has ful
 * ``bucket``: o ∈ S ∪ {tail}, log q_v = s_v − lse, log q_tail = lse_tail − lse with
   lse = log Σ_v exp(s_v) and lse_tail = log Σ_{v∉S} exp(s_v); log p = values (the teacher's
   log-probabilities at T) and log p_tail = log max(1 − Σ_S p, k·ε_f32), the float32 floor of
-  `kdjax.losses.sparse`, or the exact tail an offline cache stored (`teacher_tail`). The two log-normalisers are the only work over V: one stream of the
-  student's row (`kdjax.kernels.tiled.support_lse`, or its Pallas kernel), the tail masked per
-  tile rather than taken as a difference. Its VJP, by ∂lse/∂s_v = q_v and
+  `kdjax.losses.sparse`, or the exact tail an offline cache stored (`teacher_tail`). The two
+  log-normalisers are the only work over V: one stream of the student's row
+  (`kdjax.kernels.tiled.support_lse`, or its Pallas kernel), the tail masked per tile rather
+  than taken as a difference. Its VJP, by ∂lse/∂s_v = q_v and
   ∂lse_tail/∂s_v = [v∉S]·exp(s_v − lse_tail), is one more stream; the `[N, k + 1]` outcome
   divergence is differentiated by its term derivative g = ∂f/∂log q. With k = V no tail
   outcome exists and ``bucket`` is ``renormalize`` with values taken as log-probabilities.
