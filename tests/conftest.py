@@ -12,3 +12,16 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+
+import pytest  # noqa: E402
+
+from kdjax.data import shakespeare  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data dir with the local Shakespeare corpus built once for the whole session (offline)."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  shakespeare.prepare(path)
+  return path

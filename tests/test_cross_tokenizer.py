@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import cross_tokenizer_reference as ref  # tests/ is on sys.path under pytest's rootdir conftest
 import numpy_reference
-from kdjax.data import ByteTokenizer, bpe, load_split_tokens, shakespeare
+from kdjax.data import ByteTokenizer, bpe, load_split_tokens
 from kdjax.losses import masked_mean
 from kdjax.losses import tokens
 
@@ -39,13 +39,6 @@ UNICODE_TEXTS = (
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures.
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  shakespeare.prepare(path)
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from configs import shakespeare_cross_tokenizer
 from kdjax import losses
-from kdjax.data import ByteTokenizer, bpe, cross_tokenizer_pipeline as pipeline, load_split_tokens, shakespeare
+from kdjax.data import ByteTokenizer, bpe, cross_tokenizer_pipeline as pipeline, load_split_tokens
 from kdjax.distill import cross_tokenizer, strategies
 from kdjax.experiments import cross_tokenizer_kd
 
@@ -34,13 +34,6 @@ BATCH = 8
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures and helpers.
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  shakespeare.prepare(path)
-  return path
 
 
 @pytest.fixture(scope="module")

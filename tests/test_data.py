@@ -27,13 +27,6 @@ LOCAL = "kdjax_shakespeare"
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  shakespeare.prepare(path)
-  return path
-
-
-@pytest.fixture(scope="session")
 def sources(data_dir):
   return tfds.data_source(LOCAL, data_dir=data_dir, download=False)
 

@@ -11,7 +11,6 @@ import optax
 import pytest
 from flax import nnx
 
-from kdjax import losses
 from kdjax.data import lm_pipeline
 from kdjax.distill import strategies
 from kdjax.distill.distillm import (AdaptiveOffPolicyBatches, AdaptiveOffPolicyConfig, ContrastiveBatches,

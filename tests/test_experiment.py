@@ -21,19 +21,11 @@ import pytest
 
 from configs import shakespeare_kd
 from kdjax import main
-from kdjax.data import shakespeare
 from kdjax.experiments import lm_kd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # An untrained model's logits are unit-scale: its CE is about ln 256 = 5.55 nats/byte or more.
 UNTRAINED_CE = math.log(256)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  shakespeare.prepare(path)
-  return path
 
 
 def _runlocal_config(data_dir, arg="runlocal"):
