@@ -82,14 +82,8 @@ CASES = [  # (divergence name, coefficients, temperature, naive loss)
 ]
 
 
-@pytest.mark.parametrize("name,coefficients,temperature,naive", CASES, ids=[c[0] for c in CASES])
-def test_matches_naive_composition(name, coefficients, temperature, naive):
-  """Values, and the (h_s, W_s) gradients of a masked mean and of a weighted sum, equal the naive
-  loss on materialised logits; dropped tokens give 0 and no hidden-state gradient."""
-  batch = _batch(0)
-  fused = _fused(divergence(name, **coefficients), batch, temperature=temperature)
-  reference = lambda hs, ws: naive(hs @ ws, batch["ht"] @ batch["wt"], temperature=temperature,
-                                   where=batch["keep"])
+def _assert_matches_reference(fused, reference, batch):
+  """Values and both cotangents' gradients equal the reference; dropped tokens give 0 and no gradient."""
   values, mean_grads, weighted_grads = _outputs(fused, batch)
   ref_values, ref_mean_grads, ref_weighted_grads = _outputs(reference, batch)
   np.testing.assert_allclose(values, ref_values, rtol=RTOL, atol=ATOL)
@@ -98,6 +92,17 @@ def test_matches_naive_composition(name, coefficients, temperature, naive):
   dropped = ~np.asarray(batch["keep"])
   assert np.all(np.asarray(values)[dropped] == 0.0)
   assert np.all(np.asarray(mean_grads[0])[dropped] == 0.0)
+
+
+@pytest.mark.parametrize("name,coefficients,temperature,naive", CASES, ids=[c[0] for c in CASES])
+def test_matches_naive_composition(name, coefficients, temperature, naive):
+  """Values, and the (h_s, W_s) gradients of a masked mean and of a weighted sum, equal the naive
+  loss on materialised logits; dropped tokens give 0 and no hidden-state gradient."""
+  batch = _batch(0)
+  fused = _fused(divergence(name, **coefficients), batch, temperature=temperature)
+  reference = lambda hs, ws: naive(hs @ ws, batch["ht"] @ batch["wt"], temperature=temperature,
+                                   where=batch["keep"])
+  _assert_matches_reference(fused, reference, batch)
 
 
 def test_cotangent_picks_the_gradient_path(monkeypatch):
@@ -241,14 +246,7 @@ def test_cross_entropy_matches_naive_composition(token_chunk, vocab_tile, softca
   labels = _labels(10, batch["keep"])
   fused = lambda hs, ws: fused_linear_cross_entropy(hs, ws, labels, where=batch["keep"], token_chunk=token_chunk,
                                                     vocab_tile=vocab_tile, softcap=softcap)
-  values, mean_grads, weighted_grads = _outputs(fused, batch)
-  ref_values, ref_mean_grads, ref_weighted_grads = _outputs(_naive_ce(labels, batch["keep"], softcap), batch)
-  np.testing.assert_allclose(values, ref_values, rtol=RTOL, atol=ATOL)
-  _assert_grads_close(mean_grads, ref_mean_grads)
-  _assert_grads_close(weighted_grads, ref_weighted_grads)
-  dropped = ~np.asarray(batch["keep"])
-  assert np.all(np.asarray(values)[dropped] == 0.0)
-  assert np.all(np.asarray(mean_grads[0])[dropped] == 0.0)
+  _assert_matches_reference(fused, _naive_ce(labels, batch["keep"], softcap), batch)
 
 
 def test_cross_entropy_garbage_rows_and_gradient_paths(monkeypatch):
