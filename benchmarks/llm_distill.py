@@ -56,8 +56,29 @@ METHODS = {
               "sequence-level KD: teacher-sampled continuations (T=0.9), 0.1·CE + 0.9·KL"),
     "gkd": ("gkd", {}, "GKD: JSD(β=0.5) only, λ=0.5 of the batches sampled from the student (T=0.9)"),
     "distillm2": ("distillm2", {}, "DistiLLM-2: SKL on teacher samples + SRKL on student samples (β=1)"),
-    "minillm": ("minillm", {}, "MiniLLM: sequence reverse KL by policy gradient on student samples (T=1)"),
+    "minillm": ("minillm", {"distill.teacher_mix": 0.0, "distill.pt_weight": 0.0},
+                "MiniLLM: sequence reverse KL by policy gradient on student samples (T=1)"),
+    "minillm_mix": ("minillm", {}, "MiniLLM as in the paper: samples of 0.2·p + 0.8·q (importance-weighted), "
+                                   "+ CE on the data (pre-training loss)"),
     "adaspec": ("adaspec", {}, "AdaSPEC: KL on the 40% of tokens the draft lags a KL-distilled reference most"),
+    "distillspec_tvd_data": ("logit", {"distill.divergence": "total_variation", "distill.kd_weight": 1.0},
+                             "DistillSpec: TVD(p, q) only (maximises α directly), on the data"),
+    "distillspec_tvd_student": ("logit", {"distill.divergence": "total_variation", "distill.kd_weight": 1.0,
+                                          "on_policy.student_fraction": 1.0},
+                                "DistillSpec: TVD(p, q) only, on the student's own samples (T=0.9)"),
+    "gkd_sft": ("gkd,sft_steps=400", {}, "GKD after a CE warm start: 400 CE steps, then 400 GKD steps"),
+    "minillm_sft": ("minillm,sft_steps=400", {}, "minillm_mix after a CE warm start: 400 CE steps, then 400 MiniLLM steps"),
+    "aligndistil": ("aligndistil", {}, "AlignDistil: KL to the teacher's logits extrapolated from the CE student's, "
+                                      "β_t ∈ [1, 2] by their TVD"),
+    "mgsr": ("mgsr", {}, "MGSR: SCRG-revised student rollouts (half the batches), DAC-KL + span correlation"),
+    "ernie_tiny": ("ernie_tiny", {}, "ERNIE-Tiny: 4 stages (general KD → fine-tuned teacher → task data → + labels)"),
+    "ddk": ("ddk", {}, "DDK: 0.1·CE + 0.9·KL with the genre mixture re-weighted by the student/teacher gap"),
+    "miniplm": ("miniplm", {}, "MiniPLM: CE only, on the half of the corpus with the largest log p_T − log p_ref"),
+    "miniplm_random": ("miniplm", {"difference_sampling.random": True},
+                       "MiniPLM's control: CE only, on a random half of the corpus"),
+    "traces_all": ("verified_sft", {"distill.mode": "all"}, "sequence-level KD: CE on every teacher trace (T=0.9)"),
+    "verified_sft": ("verified_sft", {}, "CE on the teacher traces a spelling checker accepts (rejection sampling)"),
+    "redi": ("redi", {}, "REDI: 400 steps CE on accepted traces, then 400 of REDI (rejected as negatives, α=0.8)"),
 }
 
 
@@ -83,7 +104,7 @@ def _share(workdir: str, shared: str, seeds: int) -> None:
     os.makedirs(os.path.join(shared, name), exist_ok=True)
     link = os.path.join(workdir, name)
     if not os.path.lexists(link):
-      os.symlink(os.path.join(shared, name), link)
+      os.symlink(os.path.abspath(os.path.join(shared, name)), link)
 
 
 def _stat(values: list[float], digits: int = 4, sign: str = "") -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -37,7 +38,8 @@ def default_data_dir() -> str:
   return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
-def load_split_tokens(name: str, split: str, *, data_dir: str, allow_download: bool = False) -> np.ndarray:
+def load_split_tokens(name: str, split: str, *, data_dir: str, allow_download: bool = False,
+                      genres: Optional[Sequence[str]] = None) -> np.ndarray:
   """Returns the byte ids of a whole split, records concatenated in index order.
 
   Args:
@@ -47,17 +49,33 @@ def load_split_tokens(name: str, split: str, *, data_dir: str, allow_download: b
     data_dir: The TFDS data directory (see `default_data_dir()` for the usual default).
     allow_download: Only for `tiny_shakespeare`: when it is not prepared in `data_dir`, let TFDS
       download and prepare it. Off by default because a download without network hangs.
+    genres: Only for `kdjax_shakespeare`: keep the works of these genres (`shakespeare.GENRES`:
+      comedy, history, tragedy, poetry); None keeps every work of the split.
 
   Returns:
     A 1-D `np.uint8` array (one id per UTF-8 byte, see `ByteTokenizer`).
 
   Raises:
-    ValueError: for an unsupported `name`, or a `tiny_shakespeare` prepared in a format without
-      random access.
+    ValueError: for an unsupported `name`, a `tiny_shakespeare` prepared in a format without
+      random access, an unknown genre, or genres that select no work of the split.
     FileNotFoundError: if `tiny_shakespeare` is not prepared and `allow_download` is False.
     ImportError: if `allow_download` is set but TensorFlow, which TFDS's own `tiny_shakespeare`
       builder needs to prepare the data, is not installed.
   """
+  return np.concatenate([tokens for _, tokens in load_split_works(
+      name, split, data_dir=data_dir, allow_download=allow_download, genres=genres)] or [np.zeros((0,), np.uint8)])
+
+
+def load_split_works(name: str, split: str, *, data_dir: str, allow_download: bool = False,
+                     genres: Optional[Sequence[str]] = None) -> list[tuple[str, np.ndarray]]:
+  """`load_split_tokens` work by work: `[(title, byte ids)]` in index order (the catalogue's
+  `tiny_shakespeare` records have no title: they are named by split and index)."""
+  if genres is not None:
+    if name != LOCAL_NAME:
+      raise ValueError(f"genres select works of {LOCAL_NAME!r}; {name!r} has no per-work genres")
+    unknown = sorted(set(genres) - set(shakespeare.GENRES.values()))
+    if unknown:
+      raise ValueError(f"unknown genres {unknown}; known: {sorted(set(shakespeare.GENRES.values()))}")
   if name == LOCAL_NAME:
     source = shakespeare.prepare(data_dir).as_data_source(split=split)
   elif name == CATALOGUE_NAME:
@@ -65,8 +83,16 @@ def load_split_tokens(name: str, split: str, *, data_dir: str, allow_download: b
   else:
     raise ValueError(f"unsupported dataset name {name!r}; supported names: {', '.join(SUPPORTED_NAMES)}")
   tokenizer = ByteTokenizer()
-  pieces = [tokenizer.encode(source[i]["text"]) for i in range(len(source))]
-  return np.concatenate(pieces) if pieces else np.zeros((0,), np.uint8)
+  works = []
+  for i in range(len(source)):
+    record = source[i]
+    title = record["title"] if "title" in record else f"{split}_{i}"
+    title = title.decode() if isinstance(title, bytes) else str(title)
+    if genres is None or shakespeare.GENRES.get(title) in genres:
+      works.append((title, tokenizer.encode(record["text"])))
+  if genres is not None and not works:
+    raise ValueError(f"no work of {name} split {split!r} has a genre in {list(genres)}")
+  return works
 
 
 def _catalogue_source(name: str, split: str, *, data_dir: str, allow_download: bool):

@@ -268,43 +268,6 @@ class CachedTeacherDistillation:
     return _objective(ce, divergence, mask, step, self.kd_weight, self.temperature, metrics)
 
 
-@dataclasses.dataclass(frozen=True)
-class MiniLLMDistillation:
-  """MiniLLM: sequence-level reverse KL(q ‖ p) by policy gradient on the student's own samples.
-
-  The batch is the student's continuations (`kdjax.distill.on_policy.OnPolicyBatches` with
-  `student_fraction=1`); the loss is `kdjax.losses.reverse_kl_policy_gradient`'s surrogate averaged
-  over continuation tokens: the exact per-token reverse KL plus the policy-gradient term of the
-  future rewards log p − log q. `kd` reports the per-token reverse KL, `reward` the mean r_t.
-
-  Attributes:
-    gamma: discount of future rewards.
-    length_normalize: MiniLLM's normalisation of the future return by its length.
-    temperature: T.
-  """
-
-  gamma: float = 1.0
-  length_normalize: bool = True
-  temperature: float = 1.0
-
-  uses_teacher = True
-  uses_head = False
-
-  def __call__(self, student_out, teacher_out, batch, step):
-    del step
-    logits, teacher_logits, mask = logit_inputs(student_out, teacher_out, batch)
-    surrogate, parts = losses.reverse_kl_policy_gradient(
-        logits, teacher_logits, batch["targets"], where=mask, gamma=self.gamma,
-        length_normalize=self.length_normalize, temperature=self.temperature)
-    total, count = losses.masked_sum_count(surrogate, mask)
-    metrics: Metrics = {
-        "loss": (total, count), "kd": losses.masked_sum_count(parts["single_step"], mask),
-        "reward": losses.masked_sum_count(parts["reward"], mask),
-        "ce": losses.masked_sum_count(losses.cross_entropy(logits, batch["targets"], where=mask), mask),
-        "teacher_agreement": top1_match(logits, jnp.argmax(teacher_logits, -1), mask)}
-    return losses.safe_mean(total, count), metrics
-
-
 def top_fraction_mask(scores: Array, mask: Array, fraction: float) -> Array:
   """The kept positions whose score is among the top `fraction` of all kept scores of the batch.
 
@@ -415,9 +378,20 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
     taid: `TAIDDistillation`: kd_weight, temperature, label_smoothing, and taid = {t_start, t_end,
       alpha, beta, adaptive}.
     distillm2: `kdjax.distill.distillm.DistiLLM2Distillation`: alpha, beta, temperature.
-    minillm: `MiniLLMDistillation`: gamma, length_normalize, temperature (batches: the student's samples).
+    minillm: `kdjax.distill.minillm.MiniLLMDistillation`: gamma, length_normalize, temperature,
+      teacher_mix, pt_weight, ratio_clip, importance (batches: samples of the teacher-mixed policy,
+      and the data windows for the pre-training term).
     adaspec: `AdaSPECDistillation`: divergence, keep_fraction, kd_weight, temperature (the experiment
       first distils the reference model with forward KL).
+    aligndistil: `kdjax.distill.aligndistil.AlignDistilDistillation` (token-adaptive logit
+      extrapolation of the teacher away from a reference model): divergence, kd_weight,
+      temperature, beta, beta_min, beta_max, adaptive, reweight.
+    mgsr: `kdjax.distill.semantic_revision.MGSRDistillation` (DAC-KL with a learned clipping
+      network + span correlation): kd_weight, temperature, label_smoothing, span_weight,
+      span_measure, span_max_distance, clip_inputs, clip_hidden, clip_init_lower,
+      clip_init_upper, mass_penalty (batches: the experiment's `revision` section, SCRG).
+    verified_traces: `kdjax.distill.verified_traces.VerifiedTraceDistillation` (teacher traces a
+      checker accepted, REDI's negatives): mode ('sft', 'redi', 'all'), alpha.
     teacher_cache: `CachedTeacherDistillation` (an offline top-k teacher): divergence,
       divergence_kwargs, kd_weight, temperature (a number), label_smoothing, implementation, tail,
       top_k, and value_dtype (the cache's, read by the experiment that builds it).
@@ -430,10 +404,24 @@ def strategy_from_config(config: ml_collections.ConfigDict, *, vocab_size: Optio
   cfg = dict(config)
   method = cfg.pop("method", "logit")
   builders = {"logit": _logit_strategy, "taid": _taid_strategy, "teacher_cache": _cache_strategy,
-              "distillm2": _distillm2_strategy, "minillm": _minillm_strategy, "adaspec": _adaspec_strategy}
+              "distillm2": _distillm2_strategy, "minillm": _lazy("minillm", "minillm_strategy"), "adaspec": _adaspec_strategy,
+              "aligndistil": _lazy("aligndistil", "aligndistil_strategy"),
+              "verified_traces": _lazy("verified_traces", "verified_traces_strategy"),
+              "mgsr": _lazy("semantic_revision", "mgsr_strategy")}
   if method not in builders:
     raise ValueError(f"unknown distill method {method!r}; known: {sorted(builders)}")
   return builders[method](cfg, vocab_size=vocab_size, num_steps=num_steps)
+
+
+def _lazy(module: str, builder: str) -> Callable[..., Any]:
+  """The builder `kdjax.distill.<module>.<builder>`, imported when called: those modules build on
+  this one (and some on the sampler), so they cannot be imported here."""
+  def build(cfg: dict, *, vocab_size, num_steps):
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(f"kdjax.distill.{module}"), builder)(
+        cfg, vocab_size=vocab_size, num_steps=num_steps)
+  return build
 
 
 def _check_keys(cfg: dict, known: set[str], method: str) -> None:
@@ -463,16 +451,6 @@ def _adaspec_strategy(cfg: dict, *, vocab_size, num_steps) -> AdaSPECDistillatio
   return AdaSPECDistillation(divergence=divergence_by_name(cfg.get("divergence", "forward_kl")), keep_fraction=fraction,
                              kd_weight=schedules.make_schedule(cfg.get("kd_weight", 1.0)),
                              temperature=schedules.make_schedule(cfg.get("temperature", 1.0)))
-
-
-def _minillm_strategy(cfg: dict, *, vocab_size, num_steps) -> MiniLLMDistillation:
-  del vocab_size, num_steps
-  _check_keys(cfg, {"gamma", "length_normalize", "temperature"}, "minillm")
-  gamma = float(cfg.get("gamma", 1.0))
-  if not 0.0 <= gamma <= 1.0:
-    raise ValueError(f"MiniLLM's gamma must lie in [0, 1], got {gamma}")
-  return MiniLLMDistillation(gamma=gamma, length_normalize=bool(cfg.get("length_normalize", True)),
-                             temperature=float(cfg.get("temperature", 1.0)))
 
 
 def _distillm2_strategy(cfg: dict, *, vocab_size, num_steps):

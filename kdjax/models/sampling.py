@@ -21,11 +21,17 @@ mask is also the padding mask.
 Each token is drawn from ``softmax(top_p(top_k(z / T)))`` with the key
 ``fold_in(rng, step)``; :func:`sample` returns its log-probability under that distribution, the
 quantity on-policy distillation and speculative decoding need.
+
+:func:`generate_mixture` decodes a student and a teacher in lockstep, each through its own cache,
+and draws every token from the mixture ``α·π_teacher + (1 − α)·π_student`` of their filtered
+distributions (MiniLLM's teacher-mixed sampling, :func:`mixture_sample`); its log-probabilities
+are the mixture's, the denominator of MiniLLM's importance weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -34,7 +40,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Sharding
 
-from kdjax.models.decoder import KVCache
+from kdjax.losses.common import log_mixture
+from kdjax.models.decoder import DecoderLM, KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,17 +215,65 @@ def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
   return jax.nn.log_softmax(filtered, axis=-1)
 
 
+def check_teacher_mix(teacher_mix) -> None:
+  """Raises ValueError unless the mixture weight α is a (static) number in [0, 1]."""
+  if isinstance(teacher_mix, bool) or not isinstance(teacher_mix, numbers.Real) or not 0.0 <= teacher_mix <= 1.0:
+    raise ValueError(f"teacher_mix α must be a number in [0, 1], got {teacher_mix!r}.")
+
+
+def mixture_sample(key: jax.Array, student_logits: jax.Array, teacher_logits: jax.Array, config: SamplingConfig,
+                   teacher_mix: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws one token per row from ``p̃ = α·π_p + (1 − α)·π_q`` (MiniLLM's teacher-mixed sampling).
+
+  ``π_q`` and ``π_p`` are the distributions :func:`sample` draws from for the student's and the
+  teacher's logits (the same temperature and filters for both). A row takes the teacher's draw
+  with probability α and the student's otherwise, which is a draw from the mixture; the
+  student's draw uses ``key`` itself, so with α = 0 the ids are exactly :func:`sample`'s.
+
+  Returns:
+    ``(int32 ids [...], float32 log p̃(ids) [...], bool from_teacher [...])``.
+  """
+  student_ids, _ = sample(key, student_logits, config)
+  teacher_ids, _ = sample(jax.random.fold_in(key, 1), teacher_logits, config)
+  from_teacher = jax.random.uniform(jax.random.fold_in(key, 2), student_ids.shape) < teacher_mix
+  ids = jnp.where(from_teacher, teacher_ids, student_ids)
+  mixed = log_mixture(sampling_log_probs(teacher_logits, config), sampling_log_probs(student_logits, config),
+                      teacher_mix)
+  return ids, jnp.take_along_axis(mixed, ids[..., None], axis=-1)[..., 0], from_teacher
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation.
 
 
-class _DecodeState(NamedTuple):
-  step: jax.Array  # the column of the next token to sample
-  cache: tuple[KVCache, ...]
+class MixtureGeneration(NamedTuple):
+  """:class:`Generation` of :func:`generate_mixture`, whose log-probabilities are the mixture's.
+
+  Attributes:
+    tokens, mask: as for :class:`Generation`.
+    logprobs: float32 ``[B, N]``: ``log p̃(token)`` under the mixture it was drawn from, 0 where
+      not valid.
+    from_teacher: bool ``[B, N]``: the token is the teacher's draw (False where not valid).
+  """
+
   tokens: jax.Array
   logprobs: jax.Array
   mask: jax.Array
+  from_teacher: jax.Array
+
+
+class _DecodeState(NamedTuple):
+  step: jax.Array  # the column of the next token to sample
+  caches: tuple[tuple[KVCache, ...], ...]  # one per model
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+  drawn_by: jax.Array  # [B, N] int32: the index of the model whose draw the token is
   done: jax.Array  # [B]: the row has emitted EOS
+
+
+# `(key, logits per model [B, V] each) -> (ids [B], log-probabilities [B], index of the model drawn [B])`.
+Draw = Any
 
 
 def generate(graphdef: nnx.GraphDef, params: Any, prompts: jax.Array, rng: jax.Array, *,
@@ -242,24 +297,76 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompts: jax.Array, rng: jax.A
   Raises:
     ValueError: on bad shapes, ids outside the vocabulary, or ``P + N - 1 > max_len``.
   """
-  model = nnx.merge(graphdef, params)
-  batch, width = _check_prompts(prompts, model.config, config)
+  def draw(key, logits):
+    ids, logprobs = sample(key, logits[0], config)
+    return ids, logprobs, jnp.zeros_like(ids)
+
+  state = _decode((nnx.merge(graphdef, params),), prompts, rng, config=config, prompt_lengths=prompt_lengths,
+                  cache_sharding=cache_sharding, draw=draw)
+  return Generation(state.tokens, state.logprobs, state.mask)
+
+
+def generate_mixture(student_graphdef: nnx.GraphDef, student_params: Any, teacher_graphdef: nnx.GraphDef,
+                     teacher_params: Any, prompts: jax.Array, rng: jax.Array, *, config: SamplingConfig,
+                     teacher_mix: float, prompt_lengths: Optional[jax.Array] = None,
+                     cache_sharding: Optional[Sharding] = None) -> MixtureGeneration:
+  """:func:`generate` with every token drawn from ``α·π_teacher + (1 − α)·π_student`` (pure; jit it).
+
+  Both models read the same prompt and the same sampled tokens, each through its own KV cache;
+  step ``t`` draws with :func:`mixture_sample` and the key ``fold_in(rng, t)``, so with α = 0
+  the tokens are exactly :func:`generate`'s of the student with the same key. The models must
+  share the vocabulary; the prompt and the completion must fit both ``max_len``.
+
+  Args:
+    student_graphdef, student_params: the student (its distribution weighs 1 − α).
+    teacher_graphdef, teacher_params: the teacher (weight α).
+    teacher_mix: α in [0, 1] (0.2 in MiniLLM).
+    Others: as for :func:`generate`.
+
+  Returns:
+    A :class:`MixtureGeneration` of width ``N = config.max_new_tokens``.
+  """
+  check_teacher_mix(teacher_mix)
+  models = (nnx.merge(student_graphdef, student_params), nnx.merge(teacher_graphdef, teacher_params))
+  if models[0].config.vocab_size != models[1].config.vocab_size:
+    raise ValueError(f"student vocab {models[0].config.vocab_size} != teacher vocab {models[1].config.vocab_size}: "
+                     "a token-level mixture needs one vocabulary.")
+
+  def draw(key, logits):
+    ids, logprobs, from_teacher = mixture_sample(key, logits[0], logits[1], config, teacher_mix)
+    return ids, logprobs, from_teacher.astype(jnp.int32)
+
+  state = _decode(models, prompts, rng, config=config, prompt_lengths=prompt_lengths, cache_sharding=cache_sharding,
+                  draw=draw)
+  return MixtureGeneration(state.tokens, state.logprobs, state.mask, state.mask & (state.drawn_by == 1))
+
+
+def _decode(models: tuple[DecoderLM, ...], prompts: jax.Array, rng: jax.Array, *, config: SamplingConfig,
+            prompt_lengths: Optional[jax.Array], cache_sharding: Optional[Sharding], draw: Draw) -> _DecodeState:
+  """The decoding loop of :func:`generate` for one or more models fed the same tokens in lockstep."""
+  for model in models:
+    batch, width = _check_prompts(prompts, model.config, config)
   lengths = _lengths(prompt_lengths, batch, width)
   n = config.max_new_tokens
-  cache = model.init_cache(batch, width + n - 1)
-  if cache_sharding is not None:
-    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
   positions = jnp.broadcast_to(jnp.arange(width), prompts.shape)
-  h, cache = model.cached_features(prompts, cache, positions)
-  # Only each row's last prompt token predicts anything: the head runs on that one row alone.
-  last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+  caches, first_logits = [], []
+  for model in models:
+    cache = model.init_cache(batch, width + n - 1)
+    if cache_sharding is not None:
+      cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    h, cache = model.cached_features(prompts, cache, positions)
+    # Only each row's last prompt token predicts anything: the head runs on that one row alone.
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+    caches.append(cache)
+    first_logits.append(model.logits(last)[:, 0])
   state = _DecodeState(
-      step=jnp.zeros((), jnp.int32), cache=cache,
+      step=jnp.zeros((), jnp.int32), caches=tuple(caches),
       tokens=jnp.full((batch, n), config.pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32),
       mask=jnp.zeros((batch, n), bool),
+      drawn_by=jnp.zeros((batch, n), jnp.int32),
       done=jnp.zeros((batch,), bool))
-  state = _record(state, model.logits(last)[:, 0], rng, config)
+  state = _record(state, tuple(first_logits), rng, config, draw)
 
   def keep_going(s: _DecodeState):
     return (s.step < n) & ~jnp.all(s.done)
@@ -267,17 +374,17 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompts: jax.Array, rng: jax.A
   def decode(s: _DecodeState):
     previous = s.step - 1
     token = jax.lax.dynamic_slice_in_dim(s.tokens, previous, 1, axis=1)
-    logits, cache = model.decode_step(token, s.cache, (lengths + previous)[:, None])
-    return _record(s._replace(cache=cache), logits[:, 0], rng, config)
+    stepped = [model.decode_step(token, cache, (lengths + previous)[:, None]) for model, cache in zip(models, s.caches)]
+    return _record(s._replace(caches=tuple(cache for _, cache in stepped)),
+                   tuple(logits[:, 0] for logits, _ in stepped), rng, config, draw)
 
-  state = jax.lax.while_loop(keep_going, decode, state)
-  return Generation(state.tokens, state.logprobs, state.mask)
+  return jax.lax.while_loop(keep_going, decode, state)
 
 
-def _record(state: _DecodeState, logits: jax.Array, rng: jax.Array,
-            config: SamplingConfig) -> _DecodeState:
-  """Samples column ``state.step`` from ``logits [B, V]`` for the rows still going."""
-  ids, logprobs = sample(jax.random.fold_in(rng, state.step), logits, config)
+def _record(state: _DecodeState, logits: tuple[jax.Array, ...], rng: jax.Array, config: SamplingConfig,
+            draw: Draw) -> _DecodeState:
+  """Samples column ``state.step`` from each model's ``logits [B, V]`` for the rows still going."""
+  ids, logprobs, drawn_by = draw(jax.random.fold_in(rng, state.step), logits)
   live = ~state.done
   ids = jnp.where(live, ids, config.pad_id)
   done = state.done if config.eos_id is None else state.done | (ids == config.eos_id)
@@ -286,7 +393,7 @@ def _record(state: _DecodeState, logits: jax.Array, rng: jax.Array,
   return state._replace(
       step=state.step + 1, tokens=put(state.tokens, ids),
       logprobs=put(state.logprobs, jnp.where(live, logprobs, 0.0)), mask=put(state.mask, live),
-      done=done)
+      drawn_by=put(state.drawn_by, drawn_by), done=done)
 
 
 def _check_prompts(prompts, model_config, config: SamplingConfig) -> tuple[int, int]:
@@ -332,14 +439,38 @@ def make_generate(graphdef: nnx.GraphDef, config: SamplingConfig, *,
     return generate(graphdef, params, prompts, rng, config=config, prompt_lengths=prompt_lengths,
                     cache_sharding=batch_sharding)
 
+  return _jit_sampler(pure, 1, batch_sharding)
+
+
+def make_generate_mixture(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef, config: SamplingConfig, *,
+                          teacher_mix: float, batch_sharding: Optional[Sharding] = None):
+  """Jits :func:`generate_mixture` for one pair of model structures, sampler and α, sharded as
+  :func:`make_generate`.
+
+  Returns:
+    ``fn(student_params, teacher_params, prompts, prompt_lengths, rng) -> MixtureGeneration``.
+  """
+  check_teacher_mix(teacher_mix)
+
+  def pure(student_params, teacher_params, prompts, prompt_lengths, rng):
+    return generate_mixture(student_graphdef, student_params, teacher_graphdef, teacher_params, prompts, rng,
+                            config=config, teacher_mix=teacher_mix, prompt_lengths=prompt_lengths,
+                            cache_sharding=batch_sharding)
+
+  return _jit_sampler(pure, 2, batch_sharding)
+
+
+def _jit_sampler(pure, num_models: int, batch_sharding: Optional[Sharding]):
+  """Jits ``pure(*params, prompts, prompt_lengths, rng)``; host-side prompt lengths are checked first."""
   # None leaves parameters and the key in the shardings they arrive with.
-  jitted = jax.jit(pure, in_shardings=(None, batch_sharding, batch_sharding, None),
+  jitted = jax.jit(pure, in_shardings=(None,) * num_models + (batch_sharding, batch_sharding, None),
                    out_shardings=batch_sharding)
 
-  def run(params, prompts, prompt_lengths, rng) -> Generation:
+  def run(*args):
+    prompts, prompt_lengths = args[num_models:num_models + 2]
     if prompt_lengths is not None and not isinstance(prompt_lengths, jax.Array):
       check_prompt_lengths(prompt_lengths, np.shape(prompts)[1])
-    return jitted(params, prompts, prompt_lengths, rng)
+    return jitted(*args)
 
   return run
 
@@ -379,6 +510,28 @@ def completion_batch(prompts: jax.Array, prompt_lengths: Optional[jax.Array], ge
   Returns:
     ``{'inputs': int32 [B, P+N-1], 'targets': int32 [B, P+N-1], 'mask': float32 [B, P+N-1]}``.
   """
+  in_prompt, take, valid = _completion_layout(prompts, prompt_lengths, generation)
+  prompt_part = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, generation.tokens.shape[1])))
+  sequence = jnp.where(in_prompt, prompt_part, jnp.where(valid, take(generation.tokens), pad_id))
+  return {
+      "inputs": sequence[:, :-1],
+      "targets": sequence[:, 1:],
+      "mask": valid[:, 1:].astype(jnp.float32),
+  }
+
+
+def completion_log_probs(prompts: jax.Array, prompt_lengths: Optional[jax.Array],
+                         generation: Generation) -> jax.Array:
+  """``generation.logprobs`` laid out like :func:`completion_batch`'s targets: float32
+  ``[B, P+N-1]``, entry ``j`` the sampler's log-probability of ``targets[:, j]`` where ``mask`` is 1,
+  0 elsewhere (MiniLLM's importance weights divide by it)."""
+  _, take, valid = _completion_layout(prompts, prompt_lengths, generation)
+  return jnp.where(valid, take(generation.logprobs), 0.0)[:, 1:]
+
+
+def _completion_layout(prompts, prompt_lengths, generation):
+  """Where prompt + completion lie in a ``[B, P+N]`` sequence: (the prompt's positions,
+  ``take(x)`` moving a ``[B, N]`` completion column to its position, the valid completion positions)."""
   batch, width = prompts.shape
   n = generation.tokens.shape[1]
   lengths = _lengths(prompt_lengths, batch, width)[:, None]
@@ -386,12 +539,4 @@ def completion_batch(prompts: jax.Array, prompt_lengths: Optional[jax.Array], ge
   column = position - lengths  # where position j falls in the completion
   in_completion = (column >= 0) & (column < n)
   take = lambda x: jnp.take_along_axis(x, jnp.clip(column, 0, n - 1), axis=1)  # noqa: E731
-  valid = in_completion & take(generation.mask)
-  prompt_part = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, n)))
-  sequence = jnp.where(position < lengths, prompt_part,
-                       jnp.where(valid, take(generation.tokens), pad_id))
-  return {
-      "inputs": sequence[:, :-1],
-      "targets": sequence[:, 1:],
-      "mask": valid[:, 1:].astype(jnp.float32),
-  }
+  return position < lengths, take, in_completion & take(generation.mask)

@@ -34,15 +34,33 @@ class RunCheckpoints:
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
     """Restores (state, data_state) into the shardings of `abstract_state` (arrays or
-    ShapeDtypeStructs with `.sharding`)."""
+    ShapeDtypeStructs with `.sharding`). A state field without leaves in `abstract_state` (an
+    empty `strategy_params`) need not be in the checkpoint: checkpoints written before the field
+    existed still restore."""
+    step = self._step(step)
+    state = self._restore_state(step, abstract_state)
+    data = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    return state, dict(data or {})
+
+  def restore_params(self, params_template: Any, step: Optional[int] = None) -> Any:
+    """Only the model parameters of a saved train state, into the shardings of `params_template`
+    (the optimizer state, strategy state and data position are not read): the warm start of
+    another run from this one, whatever that run's optimizer or strategy was."""
+    return self._restore_state(self._step(step), {"params": params_template})["params"]
+
+  def _step(self, step: Optional[int]) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["data"] or {})
+    return step
+
+  def _restore_state(self, step: int, abstract: Any) -> Any:
+    # A partial restore reads the leaves `abstract` names and nothing else.
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract)
+    return ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -27,7 +27,9 @@ class TrainState:
 
   `strategy_state` is the pytree of a stateful strategy (e.g. TAID's interpolation t and its
   momentum; `kdjax.distill.strategies`), updated by the step and checkpointed with the rest;
-  an empty dict for stateless strategies.
+  an empty dict for stateless strategies. `strategy_params` are a strategy's own trainable
+  parameters (a learned projector, MGSR's clipping sub-network): optimised with the student by
+  the same optimizer (`trainable` is the tree it sees), checkpointed, never part of the model.
   """
 
   step: jax.Array
@@ -35,6 +37,13 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   strategy_state: Any = flax.struct.field(default_factory=dict)
+  strategy_params: Any = flax.struct.field(default_factory=dict)
+
+
+def trainable(params, strategy_params):
+  """The pytree the optimizer updates: the model's params, with a strategy's own params beside
+  them when it has any (so runs without them keep the plain layout of their optimizer state)."""
+  return {"model": params, "strategy": strategy_params} if strategy_params else params
 
 
 def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
@@ -68,20 +77,28 @@ def create_train_state(params, optimizer: optax.GradientTransformation, seed: in
                        strategy=None) -> TrainState:
   """Wraps sharded params with a sharded optimizer state (same layout as the params).
 
-  A `strategy` with an `init_state()` gets its state created here, replicated over the mesh.
+  A `strategy` with an `init_state()` gets its state created here, and one with
+  `init_params(key)` its trainable parameters (from `fold_in(PRNGKey(seed), 1)`), both replicated
+  over the mesh.
   """
-  param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
-  opt_abstract = jax.eval_shape(optimizer.init, params)
-  # Optimizer moments mirror their parameters; scalars (counts) are replicated.
-  opt_shardings = _mirror_shardings(opt_abstract, params, param_shardings, mesh)
-  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
   replicated = sharding_lib.replicated(mesh)
+  init_params = getattr(strategy, "init_params", None)
+  strategy_params = {} if init_params is None else jax.device_put(
+      jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
+                             init_params(jax.random.fold_in(jax.random.PRNGKey(seed), 1))), replicated)
+  optimised = trainable(params, strategy_params)
+  param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, optimised)
+  opt_abstract = jax.eval_shape(optimizer.init, optimised)
+  # Optimizer moments mirror their parameters; scalars (counts) are replicated.
+  opt_shardings = _mirror_shardings(opt_abstract, optimised, param_shardings, mesh)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(optimised)
   return TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
       params=params,
       opt_state=opt_state,
       rng=jax.device_put(jax.random.PRNGKey(seed), replicated),
       strategy_state=jax.device_put(initial_strategy_state(strategy), replicated),
+      strategy_params=strategy_params,
   )
 
 

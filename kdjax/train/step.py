@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from kdjax import losses
 from kdjax.train import sharding as sharding_lib
-from kdjax.train.state import TrainState, state_shardings
+from kdjax.train.state import TrainState, state_shardings, trainable
 
 Forward = Callable[[Any, Mapping[str, jax.Array]], dict]
 
@@ -60,21 +60,27 @@ def distill_step(state: TrainState, batch, teacher_params, *, student_forward: F
     teacher_out = jax.lax.stop_gradient(teacher_forward(teacher_params, batch))
 
   stateful = hasattr(strategy, "init_state")
+  with_params = bool(state.strategy_params)
   extra = {"state": state.strategy_state} if stateful else {}
 
-  def loss_fn(params):
-    return strategy(student_forward(params, batch), teacher_out, batch, state.step, **extra)
+  def loss_fn(optimised):
+    params, own = (optimised["model"], optimised["strategy"]) if with_params else (optimised, None)
+    own_params = {"params": own} if with_params else {}
+    return strategy(student_forward(params, batch), teacher_out, batch, state.step, **extra, **own_params)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  optimised = trainable(state.params, state.strategy_params)
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(optimised)
   strategy_state = strategy.update_state(state.strategy_state, metrics, state.step) if stateful else {}
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, optimised)
+  optimised = optax.apply_updates(optimised, updates)
+  params, strategy_params = (optimised["model"], optimised["strategy"]) if with_params else (optimised, {})
   one = jnp.ones((), jnp.float32)
   metrics = dict(metrics)
   metrics["grad_norm"] = (optax.tree.norm(grads), one)
   metrics["param_norm"] = (optax.tree.norm(params), one)
   metrics["update_norm"] = (optax.tree.norm(updates), one)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state,
+                            strategy_params=strategy_params)
   return new_state, metrics
 
 
