@@ -35,7 +35,7 @@ from kdjax.distill import distillm  # noqa: E402,F401  (imported up front: a swe
 from flax import nnx  # noqa: E402
 
 from kdjax import losses  # noqa: E402
-from kdjax.data import lm_pipeline, teacher_cache, text_sources  # noqa: E402
+from kdjax.data import lm_pipeline, shakespeare, teacher_cache, text_sources  # noqa: E402
 from kdjax.distill import strategies  # noqa: E402
 from kdjax.experiments import lm_kd  # noqa: E402
 from kdjax.models import sampling, speculative  # noqa: E402
@@ -122,6 +122,37 @@ def _row(name: str, runs: list[dict], baseline: list[dict], description: str) ->
           f"{_stat([1 - r['tvd_to_teacher'] for r in runs], 3)} | {seconds:.0f} | {description} |")
 
 
+def _method_facts(results: dict) -> list[str]:
+  """Measurements only some methods have: the spelling checker's pass rates (verified traces),
+  DDK's final genre weights, ERNIE-Tiny's fine-tuned teacher."""
+  lines = []
+  traced = {name: r for name, r in results.items() if "pass_rate" in r["student_kd"][0]}
+  if traced:
+    first = next(iter(traced.values()))
+    lines += ["", "## Verified teacher traces: the spelling checker's pass rate", "",
+              "Share of continuations (T = 0.9, 49 bytes after 16-byte held-out prompts, 64 rows) whose every complete "
+              "word occurs in the training text, and the share of valid words; held-out text itself passes about "
+              "3/4 of the time (its names are not in the training word list).", "",
+              "| model | pass rate | valid words |", "|---|---|---|",
+              f"| teacher | {first['teacher']['pass_rate']:.3f} | {first['teacher']['valid_word_rate']:.3f} |",
+              f"| CE only | {_stat([r['pass_rate'] for r in first['student_ce']], 3)} | "
+              f"{_stat([r['valid_word_rate'] for r in first['student_ce']], 3)} |"]
+    lines += [f"| {name} | {_stat([x['pass_rate'] for x in r['student_kd']], 3)} | "
+              f"{_stat([x['valid_word_rate'] for x in r['student_kd']], 3)} |" for name, r in traced.items()]
+  for name, r in results.items():
+    history = r["student_kd"][0].get("source_history")
+    if history and "weights" in history[-1]:
+      domains = sorted(set(shakespeare.GENRES.values()))
+      lines += ["", f"{name}: genre weights ({', '.join(domains)}) at step {history[0]['step']}: "
+                f"{', '.join(f'{w:.3f}' for w in history[0]['weights'])}; at step {history[-1]['step']}: "
+                f"{', '.join(f'{w:.3f}' for w in history[-1]['weights'])} (seed 0; the student/teacher perplexity "
+                f"ratios then: {', '.join(f'{g:.3f}' for g in history[-1]['gap'])})."]
+    if "finetuned_teacher" in r:
+      lines += ["", f"{name}: the teacher fine-tuned on the task genres reaches val CE "
+                f"{r['finetuned_teacher']['ce']:.4f} nats/byte (the general teacher {r['teacher']['ce']:.4f})."]
+  return lines
+
+
 def write_report(results: dict, path: str, *, args, speculative: Optional[dict] = None,
                  step_times: Optional[dict] = None) -> str:
   first = next(iter(results.values()))
@@ -170,6 +201,7 @@ def write_report(results: dict, path: str, *, args, speculative: Optional[dict] 
           continue  # the same CE-only draft in every method's workdir
         lines.append(f"| {name if label != 'CE-only student' else 'CE only'} | {label} | "
                      f"{values['tokens_per_call']:.3f} | {values['speedup']:.2f}x |")
+  lines += _method_facts(results)
   lines += ["", "## Teacher-hacking monitor (seed 0)", "",
             "Proxy: forward KL(teacher ‖ student) on fixed training windows; golden: CE on fixed held-out windows "
             "(nats/byte). Hacking would show as the proxy falling while the golden metric rises.", "",
