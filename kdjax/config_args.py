@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Optional
+
 import ml_collections
 
 
@@ -26,3 +29,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+def from_section(cls: type, section: Optional[Any], name: str):
+  """`cls(**section)` for a dataclass read from a config section (None: the defaults), an unknown
+  key raising with the known ones."""
+  values = dict(section or {})
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(values) - known
+  if unknown:
+    raise ValueError(f"unknown {name} config keys {sorted(unknown)}; known: {sorted(known)}")
+  return cls(**values)

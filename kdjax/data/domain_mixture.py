@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from kdjax import losses
+from kdjax import config_args, losses
 from kdjax.data import lm_pipeline, shakespeare, text_sources
 from kdjax.train import sharding as sharding_lib
 from kdjax.train import step as step_lib
@@ -219,12 +219,7 @@ class DDKConfig:
 
   @classmethod
   def from_config(cls, config: Optional[ml_collections.ConfigDict]) -> "DDKConfig":
-    cfg = dict(config or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - known
-    if unknown:
-      raise ValueError(f"unknown ddk config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**cfg)
+    return config_args.from_section(cls, config, "ddk")
 
 
 def _ce_sums(graphdef):

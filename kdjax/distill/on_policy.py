@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from kdjax import config_args
 from kdjax.models import sampling
 from kdjax.train import sharding as sharding_lib
 
@@ -72,12 +73,7 @@ class OnPolicyConfig:
 
   @classmethod
   def from_config(cls, config: Optional[ml_collections.ConfigDict]) -> "OnPolicyConfig":
-    cfg = dict(config or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - known
-    if unknown:
-      raise ValueError(f"unknown on_policy config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**cfg)
+    return config_args.from_section(cls, config, "on_policy")
 
   def source(self, step: int) -> str:
     """'data', 'student' or 'teacher' for this step (a function of (seed, step) only)."""

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from kdjax import losses
+from kdjax import config_args, losses
 from kdjax.distill import schedules, strategies
 from kdjax.losses import semantic_revision as revision_losses
 from kdjax.models import sampling
@@ -96,12 +96,7 @@ class RevisionConfig:
 
   @classmethod
   def from_config(cls, config: Optional[ml_collections.ConfigDict]) -> "RevisionConfig":
-    cfg = dict(config or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - known
-    if unknown:
-      raise ValueError(f"unknown revision config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**cfg)
+    return config_args.from_section(cls, config, "revision")
 
   def source(self, step: int) -> str:
     """'data' or 'revised' for this step (a function of (seed, step) only)."""

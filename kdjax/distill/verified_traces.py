@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from kdjax import losses
+from kdjax import config_args, losses
 from kdjax.distill import strategies
 from kdjax.distill.on_policy import OnPolicyBatches, OnPolicyConfig
 from kdjax.evaluate.word_checker import WordChecker
@@ -81,12 +81,7 @@ class VerifiedTraceConfig:
 
   @classmethod
   def from_config(cls, config: Optional[ml_collections.ConfigDict]) -> "VerifiedTraceConfig":
-    cfg = dict(config or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg) - known
-    if unknown:
-      raise ValueError(f"unknown verified_traces config keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**cfg)
+    return config_args.from_section(cls, config, "verified_traces")
 
   def checker(self, train_tokens) -> WordChecker:
     """The spelling checker of the training bytes with this config's thresholds."""
