@@ -6,7 +6,10 @@ Launch:
   python -m kdjax.main --config=configs/shakespeare_cross_tokenizer.py:method=alm --workdir=workdir/xtok
 
 The second run reuses the tokenizer, the teacher and the CE-only student of the first (same
-workdir).
+workdir). Through the launcher (launch/run.py; `--target=processes|tpu|slurm` as in
+configs/shakespeare_kd.py):
+
+  python -m launch.run --config=configs/shakespeare_cross_tokenizer.py:method=uld --workdir=workdir/xtok --target=local
 CPU smoke test (tests, seconds): `:runlocal,method=uld`.
 
 Data: the `kdjax_shakespeare` corpus (see configs/shakespeare_kd.py); a byte-level BPE of 1024

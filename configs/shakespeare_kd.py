@@ -4,6 +4,17 @@ Launch (the README's main job; 2 CPU cores, about 8 minutes, teacher cached in t
 
   python -m kdjax.main --config=configs/shakespeare_kd.py --workdir=workdir/shakespeare_kd
 
+The same through the launcher (launch/run.py), here or elsewhere:
+
+  python -m launch.run --config=configs/shakespeare_kd.py --workdir=workdir/shakespeare_kd --target=local
+  ... --target=local --cpu_devices=8                      (8 simulated CPU devices, data-parallel)
+  ... --target=processes --num_processes=2 --cpu_devices=4   (2 jax.distributed processes on this machine)
+  ... --target=tpu --tpu_name=NAME --zone=ZONE --project=PROJECT   (every worker of a TPU VM / pod slice)
+  ... --target=slurm --slurm_nodes=2 --slurm_gpus_per_node=8 --partition=PART   (one process per GPU)
+  ... --sweep   (get_sweep below: methods x seeds, each run in workdir/<method-M_seed-S>; add --dry_run to list)
+
+With several processes `train.batch_size` is per process (each loads its own shard of the windows).
+
 Three seeds of both students (the README's table): `--config=configs/shakespeare_kd.py:num_seeds=3`.
 CPU smoke test (tests, seconds): `--config=configs/shakespeare_kd.py:runlocal`.
 Other methods through the same experiment: `:method=gkd` (on-policy GKD), `:method=distillm` and
@@ -57,18 +68,33 @@ def get_config(arg=None):
   config.eval = dict(batch_size=64, max_batches=0, monitor_batches=4,
                      sample=dict(prompt_tokens=16, new_tokens=49, temperature=0.8))
 
-  config.mesh = dict(data=-1)
-  # (regex over parameter paths, one mesh axis or None per dimension); unmatched: replicated.
-  config.sharding_rules = [(".*", ())]
+  # Mesh axes (kdjax/train/sharding.py); -1 fills the devices, batches split over data x fsdp.
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Parameter placement: (regex over parameter paths, action), the first match wins, unmatched are
+  # replicated. An action is a spec (a mesh axis or None per dimension) or operations joined by '|':
+  # 'replicate', 'logical' (the decoder's logical axis names through logical_axis_rules), 'fsdp(axis=,
+  # min_size=)' (the largest free dimension divisible by the axis, for parameters of min_size elements).
+  # teacher / student.sharding_rules and .logical_axis_rules, when not empty, replace these for one
+  # model, e.g. a large teacher tensor-sharded while the student stays data-parallel:
+  #   --config.mesh.tensor=2 --config.teacher.sharding_rules="(('.*', 'logical|fsdp'),)"
+  # Tuples, not lists: the command line can override tuples.
+  config.sharding_rules = ((".*", "replicate"),)
+  config.logical_axis_rules = (("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"))
 
+  # Operations (kdjax/train/loop.py, checkpoint.py): keep the newest keep_checkpoints and, with keep_best > 0,
+  # the keep_best best by the monitor's best_metric (students with a monitor only); TensorBoard files in
+  # <workdir>/<run>/tensorboard; profile_start/profile_steps > 0: a jax.profiler trace of steps
+  # profile_start+1 .. profile_start+profile_steps in <workdir>/<run>/profile.
   train = dict(batch_size=32, learning_rate=3e-3, warmup_steps=100, final_lr_fraction=0.1, weight_decay=0.01,
-               grad_clip=1.0, log_every=100, checkpoint_every=250)
+               grad_clip=1.0, log_every=100, checkpoint_every=250, keep_checkpoints=2, keep_best=0,
+               best_metric="golden_ce_val", best_mode="min", tensorboard=True, profile_start=0, profile_steps=0)
   config.teacher = dict(
       seed=1234,
       model=dict(num_layers=3, num_heads=4, d_model=128, d_ff=384),
       # A small teacher trained long: on a CPU that gives the strongest teacher per minute, and the
       # student's 800 steps see a third of the text the teacher learned from.
       train=dict(train, steps=2400),
+      sharding_rules=(), logical_axis_rules=(),  # empty: config.sharding_rules / config.logical_axis_rules
   )
   # init_from: a student run directory (same architecture) whose latest parameters start both
   # students; resume order: the run's own checkpoint, else init_from, else a random initialisation.
@@ -76,6 +102,7 @@ def get_config(arg=None):
       model=dict(num_layers=2, num_heads=4, d_model=64, d_ff=192),
       train=dict(train, steps=800, monitor_every=100),
       init_from="",
+      sharding_rules=(), logical_axis_rules=(),
   )
   # The distilled student's stages (kdjax.experiments.lm_kd.stages): each {'steps', 'name', 'teacher':
   # 'teacher' | 'finetuned', and overrides of config sections}, starting from the previous stage's
@@ -232,4 +259,15 @@ def get_config(arg=None):
       config.difference_sampling.chunk_len = 256
   config.lock()
   return config
+
+
+# The methods `get_sweep` compares (each against its own CE-only student of the same seed).
+SWEEP_METHODS = ("logit", "gkd", "distillm", "distillm2", "minillm", "taid", "aligndistil")
+
+
+def get_sweep():
+  """One run per method and seed for `python -m launch.run --sweep` (launch/sweep.py), each in
+  `<workdir>/method-<m>_seed-<s>`; the `:arg` given to --config (e.g. `runlocal`) applies to all.
+  Every run trains its own teacher in its own workdir."""
+  return [{"arg": f"method={method}", "config.seed": seed} for method in SWEEP_METHODS for seed in range(3)]
 

@@ -8,7 +8,6 @@ a TFDS folder of the test session; nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import nbformat

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from configs import shakespeare_kd
-from kdjax import main
 from kdjax.experiments import lm_kd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -91,10 +91,15 @@ def test_each_stage_starts_from_the_last_and_init_from_starts_both_students(tmp_
     for a, b in zip(_leaves(ce_student), _leaves(lm_kd.restore_model(config, second, name))):
       np.testing.assert_array_equal(a, b)
 
+  # A run of another architecture (the teacher) cannot start the student: named before any training.
+  config.student.init_from = str(tmp_path / "first" / "teacher")
+  with pytest.raises(ValueError, match=r"does not hold parameters of the student's architecture"):
+    lm_kd.run(config, str(tmp_path / "third"), log=lambda line: None)
 
-def test_init_from_a_different_architecture_names_the_problem(tmp_path, data_dir):
+
+def test_init_from_without_a_checkpoint_names_the_problem(tmp_path, data_dir):
   config = _config(data_dir)
   config.student.init_from = str(tmp_path / "elsewhere")
   (tmp_path / "elsewhere").mkdir()
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint in"):
+  with pytest.raises(FileNotFoundError, match=r"no (usable )?checkpoint in"):
     lm_kd.run(config, str(tmp_path / "run"), log=lambda line: None)

@@ -75,7 +75,7 @@ class MiniLLMBatches:
 
   def __call__(self, state, batch: dict, teacher_params: Any, step: int) -> dict:
     """The step's batch on the mesh, from the host batch `batch` of data windows."""
-    prompts = jax.device_put(np.asarray(batch["inputs"])[:, :self.config.prompt_len], self._batch_sharding)
+    prompts = sharding_lib.shard_rows(np.asarray(batch["inputs"])[:, :self.config.prompt_len], self.mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
     generation = self._generate(state.params, teacher_params, prompts, None, key)
     samples = sampling.completion_batch(prompts, None, generation)

@@ -115,9 +115,10 @@ class OnPolicyBatches:
       keep = (np.arange(self.seq_len) >= prompt_len - 1).astype(np.float32)
       return sharding_lib.shard_batch(dict(batch, mask=np.asarray(batch["mask"]) * keep), self.mesh)
     params = state.params if source == "student" else teacher_params
-    prompts = np.asarray(batch["inputs"])[:, :prompt_len]
+    # This process's rows, assembled into the global prompts (a multi-process run samples them all).
+    prompts = sharding_lib.shard_rows(np.asarray(batch["inputs"])[:, :prompt_len], self.mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
     generation = self._generate[source](params, prompts, None, key)
-    out = sampling.completion_batch(jax.device_put(prompts, self._batch_sharding), None, generation)
+    out = sampling.completion_batch(prompts, None, generation)
     # Pinned to the step's batch sharding whatever the batch ops propagated.
     return jax.device_put(out, self._batch_sharding)

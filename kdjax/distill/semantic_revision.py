@@ -247,7 +247,7 @@ class RevisedRolloutBatches:
       return sharding_lib.shard_batch(dict(batch, mask=np.asarray(batch["mask"]) * keep), self.mesh)
     if self._revise is None:
       self._revise = self._build(state.params)
-    prompts = jax.device_put(np.asarray(batch["inputs"])[:, :prompt_len], self._batch_sharding)
+    prompts = sharding_lib.shard_rows(np.asarray(batch["inputs"])[:, :prompt_len], self.mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
     out = self._revise(state.params, teacher_params, prompts, key)
     self.last_revision = {"position": out.pop("position"), "rollout_targets": out.pop("rollout_targets")}

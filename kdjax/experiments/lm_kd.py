@@ -59,12 +59,16 @@ class TrainedModel:
   source_history: Optional[list] = None  # the batch hook's history, when it keeps one (DDK's weights)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warm-up, cosine decay and global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to `final_lr_fraction` of the peak at `steps`."""
+  return optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps, end_value=cfg.learning_rate * cfg.final_lr_fraction)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW on `learning_rate_schedule` with global-norm clipping."""
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay))
+                     optax.adamw(learning_rate_schedule(cfg), b2=0.98, weight_decay=cfg.weight_decay))
 
 
 def _model_config(cfg: ml_collections.ConfigDict, *, vocab_size: int, seq_len: int) -> DecoderConfig:
@@ -101,7 +105,10 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
       train_tokens, seq_len=data_cfg.seq_len, batch_size=train_cfg.batch_size, seed=seed, shuffle=True,
       num_epochs=None, shard_index=jax.process_index(), shard_count=jax.process_count(),
       window_features=window_features))
-  checkpoints = RunCheckpoints(os.path.join(workdir, name), keep=train_cfg.get("keep_checkpoints", 2))
+  # keep_best ranks checkpoints by a validation metric of the monitor: runs without one keep the newest only.
+  checkpoints = RunCheckpoints(os.path.join(workdir, name), keep=train_cfg.get("keep_checkpoints", 2),
+                               keep_best=train_cfg.get("keep_best", 0) if watch is not None else 0,
+                               best_metric=train_cfg.get("best_metric"), best_mode=train_cfg.get("best_mode", "min"))
   if checkpoints.latest_step() is not None:
     state, data_state = checkpoints.restore(state)
     loop.restore_data_state(data_state, batches, prepare)
@@ -121,7 +128,12 @@ def train_lm(*, name: str, model_cfg: DecoderConfig, train_cfg: ml_collections.C
         num_steps=train_cfg.steps, mesh=mesh, tokens_per_batch=train_cfg.batch_size * data_cfg.seq_len,
         log_every=train_cfg.log_every, checkpoints=checkpoints, checkpoint_every=train_cfg.checkpoint_every,
         name=name, log=log, prepare_batch=prepare, monitor=watch,
-        monitor_every=train_cfg.get("monitor_every", 0))
+        monitor_every=train_cfg.get("monitor_every", 0), learning_rate=learning_rate_schedule(train_cfg),
+        logdir=os.path.join(checkpoints.directory, "tensorboard") if train_cfg.get("tensorboard", True) else None,
+        hparams=dict(seed=seed, model=dataclasses.asdict(model_cfg), train=train_cfg, data=data_cfg,
+                     strategy=repr(strategy)),
+        profile_start=train_cfg.get("profile_start", 0), profile_steps=train_cfg.get("profile_steps", 0),
+        profile_dir=os.path.join(checkpoints.directory, "profile"))
     if prepare is not None:
       log(f"[{name}] batch sources this run: {prepare.counts}")
   checkpoints.close()
@@ -176,7 +188,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, name: str) ->
   model_cfg = _model_config(config[role].model, vocab_size=ByteTokenizer.vocab_size, seq_len=config.data.seq_len)
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)), mesh,
-                                                    [tuple(r) for r in config.sharding_rules])
+                                                    sharding_lib.rules_from_config(config, role))
   checkpoints = RunCheckpoints(os.path.join(workdir, name))
   if checkpoints.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint of {name!r} in {workdir}")
@@ -371,7 +383,7 @@ class _Experiment:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Any
-  rules: list
+  rules: dict  # role ('teacher', 'student') -> its sharding_lib.ShardingRules
   log: Callable[[str], None]
   data_dir: str
   eval_tokens: np.ndarray
@@ -404,7 +416,7 @@ class _Experiment:
     if kwargs.get("train_tokens") is None:
       kwargs["train_tokens"] = self.train_tokens(cfg.data)
     return train_lm(name=name, model_cfg=model_cfg, train_cfg=cfg[role].train, data_cfg=cfg.data, mesh=self.mesh,
-                    rules=self.rules, workdir=self.workdir, log=self.log, **kwargs)
+                    rules=self.rules[role], workdir=self.workdir, log=self.log, **kwargs)
 
 
 STAGE_KEYS = ("name", "steps", "teacher")
@@ -484,7 +496,7 @@ def _warm_start(config: ml_collections.ConfigDict, exp: _Experiment) -> Any:
   if not directory:
     return None
   template = state_lib.create_sharded_model(lambda: DecoderLM(exp.student_cfg, rngs=nnx.Rngs(0)), exp.mesh,
-                                            exp.rules)[1]
+                                            exp.rules["student"])[1]
   checkpoints = RunCheckpoints(directory)
   try:
     return checkpoints.restore_params(template)
@@ -578,9 +590,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   for cfg in (config.teacher.train, config.student.train):
     sharding_lib.check_batch_size(cfg.batch_size, mesh)
+  # Each model's own rules (a tensor-sharded teacher, a data-parallel student), checked against its
+  # abstract parameters now, so that a bad rule fails before anything is compiled or trained.
+  rules = {role: sharding_lib.rules_from_config(config, role) for role in ("teacher", "student")}
+  for role, role_rules in rules.items():
+    model_cfg = _model_config(config[role].model, vocab_size=ByteTokenizer.vocab_size, seq_len=config.data.seq_len)
+    state_lib.model_shardings(lambda c=model_cfg: DecoderLM(c, rngs=nnx.Rngs(0)), mesh, role_rules)
   data_cfg = config.data
   data_dir = data_cfg.data_dir or text_sources.default_data_dir()
-  exp = _Experiment(config=config, workdir=workdir, mesh=mesh, rules=[tuple(r) for r in config.sharding_rules],
+  exp = _Experiment(config=config, workdir=workdir, mesh=mesh, rules=rules,
                     log=log, data_dir=data_dir,
                     eval_tokens=text_sources.load_split_tokens(data_cfg.name, data_cfg.eval_split, data_dir=data_dir),
                     student_cfg=_model_config(config.student.model, vocab_size=ByteTokenizer.vocab_size,

@@ -19,7 +19,8 @@ Logical axis names
 ------------------
 Every parameter carries ``out_sharding`` metadata that names its axes logically. Nothing is placed
 on devices when a parameter is created (``eager_sharding=False``), so the model runs unsharded with
-no mesh set; a trainer maps the names onto a mesh with rules, for example::
+no mesh set; a trainer maps the names onto a mesh with rules (in kdjax, the ``logical`` action of
+``kdjax.train.sharding`` with a config's ``logical_axis_rules``), or with Flax's own, for example::
 
     with nnx.logical_axis_rules([("vocab", "model"), ("heads", "model"), ("kv_heads", "model"),
                                  ("mlp", "model"), ("embed", None), ("head_dim", None),
@@ -143,9 +144,10 @@ class DecoderConfig:
 
 def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype) -> nnx.Param:
   """A normally initialised parameter annotated with logical axes (see module docstring)."""
-  # Drawn flat and reshaped: same distribution, but XLA:CPU compiles the flat sampler several
-  # times faster than a multi-dimensional one, and eager init compiles one sampler per shape.
-  value = stddev * jax.random.normal(rngs.params(), (math.prod(shape),), dtype).reshape(shape)
+  # Drawn in its own shape (the same values as a flat draw reshaped): a flat draw, when the
+  # parameter is created sharded over a trailing dimension, makes XLA build the whole array on
+  # every device before splitting it.
+  value = stddev * jax.random.normal(rngs.params(), tuple(shape), dtype)
   return _annotated(value, axes)
 
 

@@ -46,16 +46,20 @@ def trainable(params, strategy_params):
   return {"model": params, "strategy": strategy_params} if strategy_params else params
 
 
-def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
-  """Creates a model's parameters directly in their shardings.
+def model_shardings(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
+  """A model's structure, abstract parameters and their shardings, from tracing alone.
+
+  Nothing is compiled or allocated, so a rule that does not fit the mesh or a parameter's shape
+  raises its ValueError here, before any work (`kdjax.experiments.lm_kd.run` checks every model so).
 
   Args:
     make_model: builds the module (closing over its config and seed).
     mesh: the device mesh.
-    rules: `(regex, spec)` sharding rules, see `kdjax.train.sharding`.
+    rules: `kdjax.train.sharding.ShardingRules`, or a list of `(regex, action)` rules.
 
   Returns:
-    (graphdef, params): the static structure and the sharded parameter state.
+    (graphdef, abstract params, shardings): the shardings as a tree of the params' shape, each
+    `nnx.Param` holding its `NamedSharding`.
   """
   abstract = nnx.eval_shape(make_model)
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -63,14 +67,29 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules
   if jax.tree_util.tree_leaves(leftovers):
     raise ValueError("kdjax steps train models whose state is all nnx.Param; this model also holds "
                      f"{type(leftovers).__name__} leaves {jax.tree_util.tree_structure(leftovers)}")
-  shardings = sharding_lib.tree_shardings(abstract_params, mesh, rules)
+  return graphdef, abstract_params, sharding_lib.tree_shardings(abstract_params, mesh, rules)
 
-  @jax.jit
-  def init():
-    return nnx.split(make_model(), nnx.Param)[1]
 
-  params = jax.jit(init, out_shardings=shardings)()
-  return graphdef, params
+def sharded_initializer(make_model: Callable[[], nnx.Module], shardings) -> Callable[[], Any]:
+  """`make_model`'s parameters as a jitted function whose outputs are placed by `shardings`: each
+  device computes only its own shards, as long as the model's initialisers partition (random
+  draws do under `jax_threefry_partitionable`, JAX's default)."""
+  return jax.jit(lambda: nnx.split(make_model(), nnx.Param)[1], out_shardings=shardings)
+
+
+def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
+  """Creates a model's parameters directly in their shardings.
+
+  Args:
+    make_model: builds the module (closing over its config and seed).
+    mesh: the device mesh.
+    rules: `kdjax.train.sharding.ShardingRules`, or a list of `(regex, action)` rules.
+
+  Returns:
+    (graphdef, params): the static structure and the sharded parameter state.
+  """
+  graphdef, _, shardings = model_shardings(make_model, mesh, rules)
+  return graphdef, sharded_initializer(make_model, shardings)()
 
 
 def create_train_state(params, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh,
