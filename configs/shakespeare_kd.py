@@ -88,7 +88,10 @@ def get_config(arg=None):
   train = dict(batch_size=32, learning_rate=3e-3, warmup_steps=100, final_lr_fraction=0.1, weight_decay=0.01,
                grad_clip=1.0, log_every=100, checkpoint_every=250, keep_checkpoints=2, keep_best=0,
                best_metric="golden_ce_val", best_mode="min", tensorboard=True, profile_start=0, profile_steps=0)
+  # checkpoint: a finished teacher's run directory (e.g. WORKDIR/teacher of another run) used
+  # instead of training one here.
   config.teacher = dict(
+      checkpoint="",
       seed=1234,
       model=dict(num_layers=3, num_heads=4, d_model=128, d_ff=384),
       # A small teacher trained long: on a CPU that gives the strongest teacher per minute, and the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -83,10 +85,13 @@ def test_each_stage_starts_from_the_last_and_init_from_starts_both_students(tmp_
   config.stages = []
   config.student.init_from = str(tmp_path / "first" / "student_ce_seed0")
   config.student.train.learning_rate = 0.0
+  config.teacher.checkpoint = str(tmp_path / "first" / "teacher")  # and the teacher is the first run's, untrained here
   second = str(tmp_path / "second")
-  (tmp_path / "second").mkdir()
-  (tmp_path / "second" / "teacher").symlink_to(tmp_path / "first" / "teacher")
-  lm_kd.run(config, second, log=lambda line: None)
+  lines = []
+  again = lm_kd.run(config, second, log=lines.append)
+  assert f"[teacher] restored from {config.teacher.checkpoint}" in lines
+  assert not os.path.exists(os.path.join(second, "teacher"))
+  assert again["teacher"]["ce"] == results["teacher"]["ce"]
   for name in ("student_ce_seed0", "student_kd_seed0"):
     for a, b in zip(_leaves(ce_student), _leaves(lm_kd.restore_model(config, second, name))):
       np.testing.assert_array_equal(a, b)
@@ -102,4 +107,15 @@ def test_init_from_without_a_checkpoint_names_the_problem(tmp_path, data_dir):
   config.student.init_from = str(tmp_path / "elsewhere")
   (tmp_path / "elsewhere").mkdir()
   with pytest.raises(FileNotFoundError, match=r"no (usable )?checkpoint in"):
+    lm_kd.run(config, str(tmp_path / "run"), log=lambda line: None)
+
+
+def test_a_missing_teacher_checkpoint_names_the_fix(tmp_path, data_dir):
+  config = _config(data_dir)
+  config.teacher.checkpoint = str(tmp_path / "no_teacher_here")
+  with pytest.raises(FileNotFoundError, match=r"does not exist: point it at a teacher run directory"):
+    lm_kd.run(config, str(tmp_path / "run"), log=lambda line: None)
+  (tmp_path / "empty").mkdir()
+  config.teacher.checkpoint = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match=r"holds no checkpoint"):
     lm_kd.run(config, str(tmp_path / "run"), log=lambda line: None)

@@ -181,10 +181,11 @@ def evaluate_lm(model: TrainedModel, teacher: Optional[TrainedModel], tokens: np
   return results
 
 
-def restore_model(config: ml_collections.ConfigDict, workdir: str, name: str) -> TrainedModel:
+def restore_model(config: ml_collections.ConfigDict, workdir: str, name: str, role: Optional[str] = None) -> TrainedModel:
   """A finished model of a run of this experiment (`teacher`, `student_ce_seed0`, `student_kd_seed1`, ...)
-  restored from its checkpoint in `workdir` (for analyses after the run, e.g. speculative decoding)."""
-  role = "teacher" if name.startswith("teacher") else "student"
+  restored from its checkpoint in `workdir` (for analyses after the run, e.g. speculative decoding);
+  `role` ('teacher' or 'student': whose model config) defaults to what the name says."""
+  role = role or ("teacher" if name.startswith("teacher") else "student")
   model_cfg = _model_config(config[role].model, vocab_size=ByteTokenizer.vocab_size, seq_len=config.data.seq_len)
   mesh = sharding_lib.make_mesh(config.mesh.to_dict())
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)), mesh,
@@ -527,6 +528,24 @@ def _pass_rate(config, exp: _Experiment) -> Callable[[TrainedModel], dict]:
   return rates
 
 
+def _check_teacher_checkpoint(config) -> None:
+  """`teacher.checkpoint` (a finished teacher's run directory, used instead of training one) must
+  hold a checkpoint of the config's teacher architecture."""
+  directory = config.teacher.get("checkpoint")
+  if not directory:
+    return
+  fix = ("point it at a teacher run directory such as WORKDIR/teacher of an earlier run, or leave it empty to "
+         "train the teacher")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"teacher.checkpoint={directory!r} does not exist: {fix}")
+  checkpoints = RunCheckpoints(directory)
+  try:
+    if checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"teacher.checkpoint={directory!r} holds no checkpoint: {fix}")
+  finally:
+    checkpoints.close()
+
+
 def _finetuned_teacher(config, exp: _Experiment, ce_only) -> TrainedModel:
   """The teacher fine-tuned with cross-entropy on `finetuned_teacher.train_genres` (ERNIE-Tiny's
   fine-tuned teacher), starting from the trained teacher; `finetuned_teacher` also takes `steps`
@@ -603,8 +622,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
                     eval_tokens=text_sources.load_split_tokens(data_cfg.name, data_cfg.eval_split, data_dir=data_dir),
                     student_cfg=_model_config(config.student.model, vocab_size=ByteTokenizer.vocab_size,
                                               seq_len=data_cfg.seq_len))
-  plan = stages(config)  # a bad stage list or init_from fails before any training
+  plan = stages(config)  # a bad stage list, init_from or teacher checkpoint fails before any training
   init_params = _warm_start(config, exp)
+  _check_teacher_checkpoint(config)
   train_tokens, eval_tokens = exp.train_tokens(data_cfg), exp.eval_tokens
   log(f"data: {data_cfg.name} train {len(train_tokens):,} bytes, {data_cfg.eval_split} {len(eval_tokens):,} bytes; "
       f"mesh {dict(mesh.shape)}" + (f"; {len(plan)} stages" if len(plan) > 1 else ""))
@@ -615,8 +635,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     return results if pass_rate is None else dict(results, **pass_rate(model))
 
   ce_only = strategies.LogitDistillation(divergence=None)
-  teacher = exp.teacher = exp.train("teacher", config, "teacher", seed=config.teacher.seed, strategy=ce_only,
-                                    teacher=None)
+  if config.teacher.get("checkpoint"):
+    parent, name = os.path.split(os.path.abspath(config.teacher.checkpoint))
+    teacher = exp.teacher = restore_model(config, parent, name, role="teacher")
+    log(f"[teacher] restored from {config.teacher.checkpoint}")
+  else:
+    teacher = exp.teacher = exp.train("teacher", config, "teacher", seed=config.teacher.seed, strategy=ce_only,
+                                      teacher=None)
   results: dict[str, Any] = {"teacher": dict(evaluate(teacher, None), num_params=teacher.num_params,
                                              train_seconds=teacher.train_seconds)}
   log(f"[teacher] validation CE {results['teacher']['ce']:.4f} nats/byte")
