@@ -78,7 +78,9 @@ METHODS = {
                        "MiniPLM's control: CE only, on a random half of the corpus"),
     "traces_all": ("verified_sft", {"distill.mode": "all"}, "sequence-level KD: CE on every teacher trace (T=0.9)"),
     "verified_sft": ("verified_sft", {}, "CE on the teacher traces a spelling checker accepts (rejection sampling)"),
-    "redi": ("redi", {}, "REDI: 400 steps CE on accepted traces, then 400 of REDI (rejected as negatives, α=0.8)"),
+    "redi": ("redi", {}, "REDI: 400 steps CE on accepted traces, then 400 of REDI (rejected as negatives, α=0.8) "
+                         "at learning rate 1e-4"),
+    "redi_lr1e-3": ("redi,redi_lr=0.001", {}, "REDI as above with its stage at learning rate 1e-3"),
 }
 
 
@@ -239,7 +241,7 @@ def main():
   parser.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
                       help="time speculative decoding with the seed-0 students as drafts")
   args = parser.parse_args()
-  methods = args.methods.split(",")
+  methods = [m for m in args.methods.split(",") if m]  # --methods= (none): rebuild the report from the workdir
   unknown = set(methods) - set(METHODS)
   if unknown:
     raise SystemExit(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
