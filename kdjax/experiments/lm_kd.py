@@ -392,24 +392,24 @@ class _Experiment:
   teacher: Optional[TrainedModel] = None
   finetuned_teacher: Optional[TrainedModel] = None
   ce_students: dict = dataclasses.field(default_factory=dict)  # seed -> the CE-only student
-  _tokens: dict = dataclasses.field(default_factory=dict)
+  _cache: dict = dataclasses.field(default_factory=dict)  # loaded token arrays and word checkers
 
   def train_tokens(self, data_cfg) -> np.ndarray:
     """The training bytes of a data section (split and genres), loaded once per selection."""
     genres = data_cfg.get("train_genres")
     key = (data_cfg.name, data_cfg.train_split, None if genres is None else tuple(genres))
-    if key not in self._tokens:
-      self._tokens[key] = text_sources.load_split_tokens(data_cfg.name, data_cfg.train_split, data_dir=self.data_dir,
+    if key not in self._cache:
+      self._cache[key] = text_sources.load_split_tokens(data_cfg.name, data_cfg.train_split, data_dir=self.data_dir,
                                                          genres=None if genres is None else list(genres))
-    return self._tokens[key]
+    return self._cache[key]
 
   def word_checker(self, cfg: ml_collections.ConfigDict) -> WordChecker:
     """The spelling checker of `cfg.verified_traces` over the training split's words (built once)."""
     key = ("checker", cfg.data.name, cfg.data.train_split)
-    if key not in self._tokens:
-      self._tokens[key] = VerifiedTraceConfig.from_config(cfg.get("verified_traces")).checker(
+    if key not in self._cache:
+      self._cache[key] = VerifiedTraceConfig.from_config(cfg.get("verified_traces")).checker(
           text_sources.load_split_tokens(cfg.data.name, cfg.data.train_split, data_dir=self.data_dir))
-    return self._tokens[key]
+    return self._cache[key]
 
   def train(self, name: str, cfg: ml_collections.ConfigDict, role: str, **kwargs) -> TrainedModel:
     model_cfg = self.student_cfg if role == "student" else _model_config(
