@@ -47,3 +47,29 @@ __all__ = [
     "mask_vocab", "masked_mean", "masked_sum_count", "reverse_kl", "reverse_kl_policy_gradient", "safe_mean", "skew_kl",
     "skew_reverse_kl", "standardize_logits", "taid", "teacher_topk", "topk_divergence", "total_variation",
 ]
+
+# Feature, attention and relation losses (representation distillation).
+from kdjax.losses.features import (CIFAR100_WEIGHTS, NegativeTable, attention_transfer, class_means,  # noqa: E402
+                                   class_sums, correlation_congruence, crd_init_memory, crd_log_z, crd_loss,
+                                   crd_negative_table, crd_sample_negatives, crd_update_memory, fitnet_hint,
+                                   hidden_state_loss, norm_direction, nst, pkt, rkd_angle, rkd_distance,
+                                   similarity_preserving, sinkhorn_distance, sinkhorn_plan)
+
+__all__ += [
+    "CIFAR100_WEIGHTS", "NegativeTable", "attention_transfer", "class_means", "class_sums", "correlation_congruence",
+    "crd_init_memory", "crd_log_z", "crd_loss", "crd_negative_table", "crd_sample_negatives", "crd_update_memory",
+    "fitnet_hint", "hidden_state_loss", "norm_direction", "nst", "pkt", "rkd_angle", "rkd_distance",
+    "similarity_preserving", "sinkhorn_distance", "sinkhorn_plan",
+]
+
+# Transformer relations (MiniLM, MiniLMv2), token graphs (TRG) and Distiller's MI-α.
+from kdjax.losses.transformer_relations import (LAYER_MAP_MODES, MINILMV2_RELATIONS, attention_kl,  # noqa: E402
+                                                contextual_loss, layer_map, mi_alpha, minilmv2_loss, relation_kl,
+                                                sample_tokens, token_contrast, token_relation_graph,
+                                                tokens_from_feature_map, value_relation)
+
+__all__ += [
+    "LAYER_MAP_MODES", "MINILMV2_RELATIONS", "attention_kl", "contextual_loss", "layer_map", "mi_alpha",
+    "minilmv2_loss", "relation_kl", "sample_tokens", "token_contrast", "token_relation_graph",
+    "tokens_from_feature_map", "value_relation",
+]

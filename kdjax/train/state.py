@@ -30,6 +30,9 @@ class TrainState:
   an empty dict for stateless strategies. `strategy_params` are a strategy's own trainable
   parameters (a learned projector, MGSR's clipping sub-network): optimised with the student by
   the same optimizer (`trainable` is the tree it sees), checkpointed, never part of the model.
+  `model_state` is the student's state that is not a parameter (BatchNorm running statistics,
+  `nnx.BatchStat`): its forward pass in training mode returns the new value, nothing
+  differentiates it, and it is checkpointed with the rest; {} for models that have none.
   """
 
   step: jax.Array
@@ -38,6 +41,7 @@ class TrainState:
   rng: jax.Array
   strategy_state: Any = flax.struct.field(default_factory=dict)
   strategy_params: Any = flax.struct.field(default_factory=dict)
+  model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def trainable(params, strategy_params):
@@ -77,6 +81,22 @@ def sharded_initializer(make_model: Callable[[], nnx.Module], shardings) -> Call
   return jax.jit(lambda: nnx.split(make_model(), nnx.Param)[1], out_shardings=shardings)
 
 
+def create_sharded_model_with_state(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
+  """`create_sharded_model` for models that also hold non-parameter state (BatchNorm statistics).
+
+  Returns:
+    (graphdef, params, model_state): `nnx.merge(graphdef, params, model_state)` rebuilds the
+    module; the params are placed by `rules`, the (small, per-channel) state is replicated.
+  """
+  abstract = nnx.eval_shape(make_model)
+  _, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+  shardings = (sharding_lib.tree_shardings(abstract_params, mesh, rules),
+               jax.tree_util.tree_map(lambda _: sharding_lib.replicated(mesh), abstract_rest))
+  graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+  params, rest = jax.jit(lambda: nnx.split(make_model(), nnx.Param, ...)[1:], out_shardings=shardings)()
+  return graphdef, params, rest
+
+
 def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=()):
   """Creates a model's parameters directly in their shardings.
 
@@ -93,8 +113,11 @@ def create_sharded_model(make_model: Callable[[], nnx.Module], mesh: Mesh, rules
 
 
 def create_train_state(params, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh,
-                       strategy=None) -> TrainState:
+                       strategy=None, model_state=None) -> TrainState:
   """Wraps sharded params with a sharded optimizer state (same layout as the params).
+
+  `model_state` is the student's non-parameter state (`create_sharded_model_with_state`), kept
+  beside the params and never given to the optimizer.
 
   A `strategy` with an `init_state()` gets its state created here, and one with
   `init_params(key)` its trainable parameters (from `fold_in(PRNGKey(seed), 1)`), both replicated
@@ -118,6 +141,7 @@ def create_train_state(params, optimizer: optax.GradientTransformation, seed: in
       rng=jax.device_put(jax.random.PRNGKey(seed), replicated),
       strategy_state=jax.device_put(initial_strategy_state(strategy), replicated),
       strategy_params=strategy_params,
+      model_state={} if model_state is None else model_state,
   )
 
 

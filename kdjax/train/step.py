@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from kdjax import losses
+from kdjax.models import capture
 from kdjax.train import sharding as sharding_lib
 from kdjax.train.state import TrainState, state_shardings, trainable
 
@@ -44,12 +45,46 @@ def lm_forward(graphdef, *, head: bool = False) -> Forward:
   return forward
 
 
+def classifier_forward(graphdef, *, train: bool = False, features=()) -> Forward:
+  """A forward function for an NNX image classifier (`kdjax.models.vision`) or any model called
+  as `model(batch['images'], train=...)`.
+
+  `forward(params, batch, model_state=None)` returns `{'logits', 'features'}`, the features being
+  the activations named in `features` (`kdjax.models.capture`); with `train=True` and a
+  `model_state` (BatchNorm statistics) also `'model_state'`, its value after this batch. A
+  teacher's params may be the pair `(params, model_state)`: it runs in eval mode on its
+  running statistics.
+  """
+  names = tuple(features)
+
+  def forward(params, batch, model_state=None):
+    if model_state is None and isinstance(params, tuple):
+      params, model_state = params
+    # As a pure dict: State leaves are Variables bound to the trace that made them (the jit
+    # around the step), and BatchNorm could not update them inside the gradient's trace.
+    model = nnx.merge(graphdef, params) if model_state is None else nnx.merge(graphdef, params,
+                                                                              nnx.to_pure_dict(model_state))
+    with capture.capture(names) as acts:
+      logits = model(batch["images"], train=train)
+    out = {"logits": logits, "features": dict(acts)}
+    if train and model_state is not None:
+      out["model_state"] = nnx.state(model, nnx.Not(nnx.Param))
+    return out
+  return forward
+
+
 def distill_step(state: TrainState, batch, teacher_params, *, student_forward: Forward,
                  teacher_forward: Optional[Forward], strategy, optimizer: optax.GradientTransformation):
   """One optimizer update of the student on one (global) batch.
 
   Returns the new state and metrics as `(sum, count)` pairs: the strategy's, plus the global
   L2 norms of gradients, parameters and updates.
+
+  A stateful strategy's new state is `strategy.update_state(state, metrics, step)`, or, when its
+  call returns three values `(loss, metrics, new_state)`, that new state (CRD's memory bank is
+  written from the batch's embeddings, which only the call sees). A student with non-parameter
+  state (`state.model_state`: BatchNorm statistics) gets it as `model_state=` and returns the new
+  value as `'model_state'` in its outputs.
   """
   # fold_in(rng, step) gives every step its own key without carrying a split chain; models
   # that need randomness (dropout, sampling) read it from the batch.
@@ -63,14 +98,27 @@ def distill_step(state: TrainState, batch, teacher_params, *, student_forward: F
   with_params = bool(state.strategy_params)
   extra = {"state": state.strategy_state} if stateful else {}
 
+  with_model_state = bool(jax.tree_util.tree_leaves(state.model_state))
+
   def loss_fn(optimised):
     params, own = (optimised["model"], optimised["strategy"]) if with_params else (optimised, None)
     own_params = {"params": own} if with_params else {}
-    return strategy(student_forward(params, batch), teacher_out, batch, state.step, **extra, **own_params)
+    if with_model_state:
+      student_out = dict(student_forward(params, batch, model_state=state.model_state))
+      model_state = student_out.pop("model_state")
+    else:
+      student_out, model_state = student_forward(params, batch), state.model_state
+    loss, metrics, *new_strategy_state = strategy(student_out, teacher_out, batch, state.step, **extra, **own_params)
+    return loss, (metrics, model_state, new_strategy_state[0] if new_strategy_state else None)
 
   optimised = trainable(state.params, state.strategy_params)
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(optimised)
-  strategy_state = strategy.update_state(state.strategy_state, metrics, state.step) if stateful else {}
+  (_, (metrics, model_state, new_strategy_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(optimised)
+  if not stateful:
+    strategy_state = {}
+  elif new_strategy_state is not None:
+    strategy_state = jax.lax.stop_gradient(new_strategy_state)
+  else:
+    strategy_state = strategy.update_state(state.strategy_state, metrics, state.step)
   updates, opt_state = optimizer.update(grads, state.opt_state, optimised)
   optimised = optax.apply_updates(optimised, updates)
   params, strategy_params = (optimised["model"], optimised["strategy"]) if with_params else (optimised, {})
@@ -80,7 +128,7 @@ def distill_step(state: TrainState, batch, teacher_params, *, student_forward: F
   metrics["param_norm"] = (optax.tree.norm(params), one)
   metrics["update_norm"] = (optax.tree.norm(updates), one)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, strategy_state=strategy_state,
-                            strategy_params=strategy_params)
+                            strategy_params=strategy_params, model_state=model_state)
   return new_state, metrics
 
 
