@@ -67,6 +67,8 @@ def get_config(arg=None):
                         sharding_rules=(), logical_axis_rules=())
   config.student = dict(model=dict(name=student, overrides={}), train=train, sharding_rules=(), logical_axis_rules=())
   config.distill = vision_methods.distill_section(arg.method, steps=steps)
+  config.data.update(vision_methods.DATA.get(arg.method, {}))
+  config.teacher.update(vision_methods.TEACHERS.get(arg.method, {}))
   if arg.method in ("crd", "crd_kd"):
     # RepDistiller: 16384 negatives from the 50000 training images.
     config.distill.crd.num_negatives = 64 if arg.runlocal else 16384

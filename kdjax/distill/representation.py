@@ -28,6 +28,7 @@ from kdjax import losses
 from kdjax.distill import schedules
 from kdjax.distill.strategies import _as_schedule, _check_keys, top1_match
 from kdjax.losses import features as F
+from kdjax.losses import transformer_relations as R
 
 Array = jax.Array
 Metrics = dict[str, tuple[Array, Array]]
@@ -75,15 +76,31 @@ def _rkd(student, teacher, *, distance_weight: float = F.CIFAR100_WEIGHTS["rkd_d
           + angle_weight * F.rkd_angle(student, teacher, where=where))
 
 
+def _trg(student, teacher, *, where=None, alpha: float = 1.0, beta: float = 1.0, num_neighbors: int = 8,
+         sigma: float = 1.0):
+  """TRG (Zhang et al. 2023) on CNN maps: α·contextual (each image's token self-similarity) +
+  β·the batch's kNN token graph, one token per spatial position; the maps' widths may differ."""
+  s, t = R.tokens_from_feature_map(student), R.tokens_from_feature_map(teacher)
+  tokens = None if where is None else jnp.broadcast_to(jnp.asarray(where)[:, None], s.shape[:2])
+  context = losses.masked_mean(R.contextual_loss(s, t, where=tokens), where)
+  graph = R.token_relation_graph(s, t, num_neighbors=num_neighbors, sigma=sigma, where=tokens)
+  return alpha * context + beta * graph
+
+
+def _mi_alpha(student, teacher, *, where=None, alpha: float = 0.5):
+  """Distiller's MI-α (−I_α, a dot-product critic) on flattened features of one width."""
+  return R.mi_alpha(_flat(student), _flat(teacher), alpha=alpha, where=where)
+
+
 # Feature losses by config name: (student, teacher, *, where, **kwargs) -> [B] (per example) or a
 # scalar (a relation over the batch). `nd` also gets the labels and the teacher's class centres.
 FEATURE_LOSSES: Mapping[str, Callable[..., Array]] = {
     "fitnet": F.fitnet_hint, "at": F.attention_transfer, "rkd": _rkd, "rkd_distance": F.rkd_distance,
     "rkd_angle": F.rkd_angle, "pkt": F.pkt, "sp": F.similarity_preserving, "cc": F.correlation_congruence,
-    "nst": F.nst, "nd": _nd, "hidden": F.hidden_state_loss,
+    "nst": F.nst, "nd": _nd, "hidden": F.hidden_state_loss, "trg": _trg, "mi_alpha": _mi_alpha,
 }
 # CRD is a term too, but with state (memory banks) and its own inputs: see `CRDSpec`.
-HEADS = ("none", "linear", "embed")
+HEADS = ("none", "linear", "regressor", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +114,9 @@ class FeatureTerm:
     teacher: the teacher's, one per student name.
     weight: the term's weight w.
     student_head / teacher_head: 'none', 'linear' (a learned map of the channel axis onto the
-      other model's width: FitNet's regressor, a 1×1 convolution on maps) or 'embed' (linear to
-      `embed_dim` then L2 normalisation: the embedding heads of CC and CRD).
+      other model's width, a 1×1 convolution on maps), 'regressor' (RepDistiller's FitNet `ConvReg`:
+      that map, then batch normalisation with learned scale and shift, then ReLU) or 'embed'
+      (linear to `embed_dim` then L2 normalisation: the embedding heads of CC and CRD).
     shapes: ((student shape, teacher shape), ...) per pair, without the batch axis (the heads'
       sizes); filled by the builder from the models' `activation_shapes`.
     embed_dim: the width of 'embed' heads.
@@ -123,7 +141,7 @@ class CRDSpec:
   Embeddings: linear heads on the student's and teacher's `student` / `teacher` activations
   (flattened), to `embed_dim`, L2-normalised; two memory banks of `num_data` rows; `num_negatives`
   negatives per example of other classes, drawn from the step's key; `log_z` fixed on the first
-  step (objective 'nce'). `labels` are the training split's labels (the negative table).
+  step (objective 'nce'). `negatives` groups the training split's indices by label.
   """
 
   student: str
@@ -131,7 +149,6 @@ class CRDSpec:
   student_dim: int
   teacher_dim: int
   num_data: int
-  num_classes: int
   weight: float = F.CIFAR100_WEIGHTS["crd"]
   embed_dim: int = 128
   num_negatives: int = 4096
@@ -139,7 +156,8 @@ class CRDSpec:
   momentum: float = 0.5
   objective: str = "nce"
   seed: int = 0
-  labels: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+  # The training split's indices grouped by class (`features.crd_negative_table`), built once.
+  negatives: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
 
 def _unit(x: Array) -> Array:
@@ -152,12 +170,25 @@ def _flat(x: Array) -> Array:
   return jnp.reshape(x, (x.shape[0], -1))
 
 
-def _init_linear(key: Array, din: int, dout: int) -> dict:
-  # PyTorch nn.Linear's default init (uniform ±1/√fan_in), as the reference heads use.
+def _init_linear(key: Array, din: int, dout: int, *, norm: bool = False) -> dict:
+  # PyTorch nn.Linear's default init (uniform ±1/√fan_in), as the reference heads use; a
+  # regressor's batch norm starts as the identity (scale 1, shift 0).
   bound = 1.0 / math.sqrt(din)
   kw, kb = jax.random.split(key)
-  return {"kernel": jax.random.uniform(kw, (din, dout), jnp.float32, -bound, bound),
-          "bias": jax.random.uniform(kb, (dout,), jnp.float32, -bound, bound)}
+  params = {"kernel": jax.random.uniform(kw, (din, dout), jnp.float32, -bound, bound),
+            "bias": jax.random.uniform(kb, (dout,), jnp.float32, -bound, bound)}
+  if norm:
+    params.update(scale=jnp.ones((dout,), jnp.float32), shift=jnp.zeros((dout,), jnp.float32))
+  return params
+
+
+def _batch_norm(x: Array, params: dict, eps: float = 1e-5) -> Array:
+  """Batch normalisation over every axis but the channels, with the batch's own statistics: a
+  strategy head only ever runs in training, so running averages would never be read."""
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.mean(jnp.square(x - mean), axis=axes)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["shift"]
 
 
 def _head_width(head: str, own_shape: tuple, other_shape: tuple, embed_dim: int) -> Optional[tuple[int, int]]:
@@ -165,7 +196,7 @@ def _head_width(head: str, own_shape: tuple, other_shape: tuple, embed_dim: int)
   map, or a vector) onto the other model's; 'embed' flattens and maps to `embed_dim`."""
   if head == "none":
     return None
-  if head == "linear":
+  if head in ("linear", "regressor"):
     return own_shape[-1], other_shape[-1]
   return math.prod(own_shape), embed_dim
 
@@ -176,6 +207,8 @@ def _apply_head(head: str, params: Optional[dict], x: Array, other_shape: tuple)
   if head == "embed":
     return _unit(_flat(x) @ params["kernel"] + params["bias"])
   x = x @ params["kernel"] + params["bias"]
+  if head == "regressor":
+    x = jax.nn.relu(_batch_norm(x, params))
   if x.ndim == 4 and x.shape[1:3] != tuple(other_shape[:2]):
     # A student map larger than the teacher's by an integer factor is average-pooled down to it
     # (RepDistiller's ConvReg uses a strided conv there; pooling keeps the head a 1×1 map).
@@ -256,7 +289,8 @@ class RepresentationDistillation:
                                         ("teacher", term.teacher_head, t_shape, s_shape)):
           width = _head_width(head, mine, other, term.embed_dim)
           if width is not None:
-            own[f"{role}{j}"] = _init_linear(jax.random.fold_in(key, 1000 * i + 2 * j + (role == "teacher")), *width)
+            own[f"{role}{j}"] = _init_linear(jax.random.fold_in(key, 1000 * i + 2 * j + (role == "teacher")), *width,
+                                             norm=head == "regressor")
       if own:
         params[f"term{i}"] = own
     if self.crd is not None:
@@ -325,8 +359,8 @@ class RepresentationDistillation:
     spec = self.crd
     embed = lambda p, x: _unit(_flat(x) @ p["kernel"] + p["bias"])  # noqa: E731
     s_emb, t_emb = embed(heads["student"], feats[spec.student]), embed(heads["teacher"], t_feats[spec.teacher])
-    table = F.crd_negative_table(jnp.asarray(spec.labels), spec.num_classes)
-    negatives = F.crd_sample_negatives(jax.random.fold_in(batch["rng"], 7), batch["targets"], spec.num_negatives, table)
+    negatives = F.crd_sample_negatives(jax.random.fold_in(batch["rng"], 7), batch["targets"], spec.num_negatives,
+                                       spec.negatives)
     memories = (state["memory_student"], state["memory_teacher"])
     common = dict(temperature=spec.temperature, num_data=spec.num_data, where=mask)
     log_z = state["log_z"]
@@ -407,7 +441,7 @@ def representation_strategy(cfg: dict, *, student_shapes: Mapping[str, tuple], t
     s_name, t_name = raw.get("student", "pre_logits"), raw.get("teacher", "pre_logits")
     crd = CRDSpec(student=s_name, teacher=t_name, student_dim=math.prod(shape(student_shapes, s_name, "student")),
                   teacher_dim=math.prod(shape(teacher_shapes, t_name, "teacher")), num_data=len(train_labels),
-                  num_classes=num_classes, labels=jnp.asarray(train_labels, jnp.int32),
+                  negatives=F.crd_negative_table(jnp.asarray(train_labels, jnp.int32), num_classes),
                   **{k: raw[k] for k in ("weight", "embed_dim", "num_negatives", "temperature", "momentum",
                                          "objective") if k in raw})
   return RepresentationDistillation(

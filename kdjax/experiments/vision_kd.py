@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from kdjax.data import image_pipeline, image_sources
-from kdjax.distill import representation
+from kdjax.distill import exits, representation
 from kdjax.losses import features as feature_losses
 from kdjax.models.vision import registry
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
@@ -158,6 +158,8 @@ def train_classifier(*, name: str, model_cfg, train_cfg, seed: int, strategy, te
     teacher_params, teacher_forward = (None, None) if not teacher else ensemble_forward(
         teacher, strategy.feature_names("teacher"))
     student_forward = step_lib.classifier_forward(graphdef, train=True, features=strategy.feature_names("student"))
+    if getattr(strategy, "reads_student_weights", False):  # an EMA teacher averages the student's own weights
+      student_forward = exits.expose_weights(student_forward)
     step_fn = step_lib.make_distill_step(state=state, teacher_params=teacher_params, mesh=mesh,
                                          student_forward=student_forward, teacher_forward=teacher_forward,
                                          strategy=strategy, optimizer=optimizer)
@@ -227,6 +229,9 @@ def format_table(results: dict) -> str:
     rows.append(f"| teacher {t['name']} | {t['num_params']:,} | {100 * t['accuracy']:.2f} | - | {t['train_seconds']:.0f} |")
   if len(results["teachers"]) > 1:
     rows.append(f"| teacher ensemble | - | {100 * results['ensemble']['accuracy']:.2f} | - | - |")
+  for g in results.get("generations", ()):
+    rows.append(f"| born-again generation {g['generation']} (seed {g['seed']}) | {g['num_params']:,} | "
+                f"{100 * g['accuracy']:.2f} | {100 * g['teacher_agreement']:.2f} | - |")
   for name in ("student_ce", "student_kd"):
     runs = results[name]
     rows.append(f"| {name} | {runs[0]['num_params']:,} | {_mean_std([r['accuracy'] for r in runs])} | "
@@ -255,10 +260,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   shapes = {role: registry.activation_shapes(nnx.eval_shape(_make_model(config[role].model, info.num_classes,
                                                                         info.image_shape, 0)), info.image_shape)
             for role in ("teacher", "student")}
-  build = lambda class_means=None: representation.representation_strategy(  # noqa: E731
-      config.distill.to_dict(), student_shapes=shapes["student"], teacher_shapes=shapes["teacher"],
-      num_steps=config.student.train.steps, class_means=class_means, train_labels=data.train_labels,
-      num_classes=info.num_classes)
+  section = config.distill.to_dict()
+  kind = section.pop("strategy", "representation")
+  builders = {
+      "representation": lambda class_means=None: representation.representation_strategy(
+          section, student_shapes=shapes["student"], teacher_shapes=shapes["teacher"],
+          num_steps=config.student.train.steps, class_means=class_means, train_labels=data.train_labels,
+          num_classes=info.num_classes),
+      "exits": lambda class_means=None: exits.exit_strategy(
+          section, student_shapes=shapes["student"], teacher_shapes=shapes["teacher"], num_classes=info.num_classes),
+      "ema": lambda class_means=None: exits.ema_strategy(
+          section, make_student=_make_model(config.student.model, info.num_classes, info.image_shape, 0)),
+  }
+  if kind not in builders:
+    raise ValueError(f"unknown distill strategy {kind!r}; known: {sorted(builders)}")
+  build = builders[kind]
   strategy = build()
   ce_only = representation.RepresentationDistillation()
   common = dict(data=data, config=config, mesh=mesh, workdir=workdir, log=log)
@@ -275,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     log(f"[{t.name}] test accuracy {100 * results['teachers'][-1]['accuracy']:.2f}%")
   if len(teachers) > 1:
     results["ensemble"] = evaluate_with(teachers, None)
-  if any(term.loss == "nd" for term in strategy.terms):
+  if any(term.loss == "nd" for term in getattr(strategy, "terms", ())):
     strategy = build(teacher_class_means(teachers, data, batch_size=config.eval.batch_size, mesh=mesh))
   for name in ("student_ce", "student_kd"):
     results[name] = []
@@ -283,10 +299,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
       # Distilled runs are named by the config's method, so several methods can share one workdir
       # (and its teacher and CE-only students: benchmarks/vision_distill.py).
       run_name = f"{name}_seed{seed}" if name == "student_ce" else f"student_{config.get('name', 'kd')}_seed{seed}"
+      teacher = teachers
+      # Born-again networks (Furlanello et al. 2018): generation k learns from generation k - 1, the
+      # teacher being generation 0; the reported distilled student is the last generation.
+      for generation in range(1, config.teacher.get("born_again", 1) if name == "student_kd" else 1):
+        teacher = [train_classifier(name=f"{run_name}_gen{generation}", model_cfg=config.student.model,
+                                    train_cfg=config.student.train, seed=seed, strategy=strategy, teacher=teacher,
+                                    **common)]
+        results.setdefault("generations", []).append(dict(
+            evaluate_with(teacher, teachers), generation=generation, seed=seed, num_params=teacher[0].num_params))
       trained = train_classifier(name=run_name, model_cfg=config.student.model,
                                  train_cfg=config.student.train, seed=seed,
                                  strategy=ce_only if name == "student_ce" else strategy,
-                                 teacher=None if name == "student_ce" else teachers, **common)
+                                 teacher=None if name == "student_ce" else teacher, **common)
       metrics = dict(evaluate_with([trained], teachers), num_params=trained.num_params,
                      train_seconds=trained.train_seconds, seed=seed)
       log(f"[{name} seed {seed}] test accuracy {100 * metrics['accuracy']:.2f}%")

@@ -1,0 +1,30 @@
+"""The vision results table's script (`benchmarks/vision_distill.py`) in its seconds-long runlocal form."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_runlocal_benchmark_writes_the_results_table(tmp_path):
+  output = tmp_path / "vision_distill.md"
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "benchmarks/vision_distill.py", "--runlocal", "--seeds=2", "--datasets=digits", "--pairs=1",
+         "--methods=kd,crd", f"--workdir={tmp_path / 'work'}", f"--output={output}"]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  report = output.read_text()
+  rows = [line for line in report.splitlines() if line.startswith("| ")]
+  for name in ("teacher", "no teacher (CE)", "KD", "CRD"):
+    assert any(line.startswith(f"| {name} |") for line in rows), (name, report)
+  # Both methods share one teacher and one CE-only student per seed, trained once in one workdir.
+  pair_dir = tmp_path / "work" / "digits" / "resnet32-resnet8"
+  runs = sorted(p.name for p in pair_dir.iterdir() if p.is_dir() and p.name != "jax_cache")
+  assert runs == ["student_ce_seed0", "student_ce_seed1", "student_crd_seed0", "student_crd_seed1",
+                  "student_kd_seed0", "student_kd_seed1", "teacher"], runs
+  stored = json.loads((pair_dir / "benchmark.json").read_text())
+  assert stored["kd"]["student_ce"] == stored["crd"]["student_ce"]
