@@ -58,6 +58,17 @@ def _mean_std(values, scale=100.0, sign=""):
   return mean if len(values) < 2 else f"{mean} ± {scale * statistics.stdev(values):.2f}"
 
 
+def recorded(workdir: str, methods) -> dict:
+  """The results each method's last finished run wrote into the pair's workdir (`--report_only`)."""
+  out = {}
+  for method in methods:
+    path = os.path.join(workdir, "results.json" if method == "kd" else f"results_{method}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[method] = json.load(f)["results"]
+  return out
+
+
 def run_pair(dataset: str, teacher: str, student: str, methods, seeds: int, steps: int, runlocal: bool,
              workdir: str) -> dict:
   """Every method of one pair in one workdir (shared teacher and CE students); returns
@@ -116,6 +127,8 @@ def main():
   parser.add_argument("--pairs", type=int, default=2, help="how many pairs per dataset")
   parser.add_argument("--only_pair", default="", help="run just this TEACHER-STUDENT pair (e.g. in a second process)")
   parser.add_argument("--runlocal", action="store_true")
+  parser.add_argument("--report_only", action="store_true",
+                      help="write the table from the results already in the workdir; train nothing")
   parser.add_argument("--workdir", default="workdir/vision_distill")
   parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "vision_distill.md"))
   args = parser.parse_args()
@@ -134,9 +147,19 @@ def main():
         continue
       steps = args.steps or steps_for[dataset]
       workdir = os.path.join(args.workdir, dataset, f"{teacher}-{student}")
-      results = run_pair(dataset, teacher, student, methods, args.seeds, steps, args.runlocal, workdir)
+      if args.report_only:
+        results = recorded(workdir, methods)
+        if not results:
+          continue
+        missing = [m for m in methods if m not in results]
+      else:
+        results, missing = run_pair(dataset, teacher, student, methods, args.seeds, steps, args.runlocal, workdir), []
       sections += pair_table(dataset, teacher, student, results) + [""]
+      if missing:
+        sections += [f"Not yet run for this pair: {', '.join(LABELS.get(m, m) for m in missing)}.", ""]
       all_results.append(results)
+      if args.report_only:
+        continue
       with open(os.path.join(workdir, "benchmark.json"), "w") as f:
         json.dump({m: {k: v for k, v in r.items() if k != "table"} for m, r in results.items()}, f, indent=1,
                   default=str)

@@ -18,14 +18,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kdjax import distributed
-from kdjax.experiments import cross_tokenizer_kd, lm_kd, vision_kd
+from kdjax.experiments import cross_tokenizer_kd, lm_kd, sentence_kd, vision_kd
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, the cached teacher and results go.")
 _START_DISTRIBUTED = distributed.define_flags()
 
 # Experiments by the name a config gives in `experiment`.
-EXPERIMENTS = {"lm_kd": lm_kd.run, "cross_tokenizer_kd": cross_tokenizer_kd.run, "vision_kd": vision_kd.run}
+EXPERIMENTS = {"lm_kd": lm_kd.run, "cross_tokenizer_kd": cross_tokenizer_kd.run, "vision_kd": vision_kd.run,
+               "sentence_kd": sentence_kd.run}
 
 
 def run(config, workdir: str):

@@ -186,16 +186,17 @@ def _runlocal(method, workdir, **overrides):
 
 
 def test_runlocal_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
-  """The experiment trains a teacher and both students on real digits, writes its table, and a
-  rerun restores every finished run instead of training again."""
-  results = _runlocal("kd", tmp_path)
+  """The experiment trains a teacher and both students on real digits (KD++: KD + ND, whose class
+  centres come from the trained teacher), writes its table, and a rerun restores every finished run
+  instead of training again."""
+  results = _runlocal("nd", tmp_path)
   assert "KD gain over the no-teacher student" in results["table"]
-  stored = json.loads((tmp_path / "results.json").read_text())["results"]
+  stored = json.loads((tmp_path / "results_nd.json").read_text())["results"]
   assert stored["teachers"][0]["accuracy"] > 0.2  # chance is 0.1 on ten digits
   assert 0.0 <= stored["student_kd"][0]["teacher_agreement"] <= 1.0
   calls = []
   monkeypatch.setattr(vision_kd.loop, "fit", lambda **kw: calls.append(kw) or (kw["state"], []))
-  again = _runlocal("kd", tmp_path)
+  again = _runlocal("nd", tmp_path)
   assert not calls, "a finished run was trained again"
   assert again["student_kd"][0]["accuracy"] == pytest.approx(stored["student_kd"][0]["accuracy"])
 

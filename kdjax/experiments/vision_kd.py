@@ -275,7 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   if kind not in builders:
     raise ValueError(f"unknown distill strategy {kind!r}; known: {sorted(builders)}")
   build = builders[kind]
-  strategy = build()
+  # The section is checked now, before any training; ND's class centres come from the trained
+  # teacher, so until then they are zeros of the right shape.
+  strategy = build(jnp.zeros((info.num_classes, shapes["teacher"]["pre_logits"][-1]), jnp.float32))
   ce_only = representation.RepresentationDistillation()
   common = dict(data=data, config=config, mesh=mesh, workdir=workdir, log=log)
   teachers = [train_classifier(name="teacher" if i == 0 else f"teacher{i}", model_cfg=config.teacher.model,

@@ -286,4 +286,6 @@ def sentence_embedding(hidden: jax.Array, attention_mask: jax.Array, *, normaliz
   mean = total / jnp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
   if not normalize:
     return mean
-  return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), eps)
+  # The floor sits inside the square root: the norm's gradient at a zero row (a sentence of
+  # padding only) is then 0, not NaN.
+  return mean * jax.lax.rsqrt(jnp.maximum(jnp.sum(mean * mean, axis=-1, keepdims=True), eps * eps))
