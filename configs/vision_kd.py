@@ -57,6 +57,9 @@ def get_config(arg=None):
   config.distill = vision_methods.distill_section(arg.method, steps=steps)
   config.data.update(vision_methods.DATA.get(arg.method, {}))
   config.teacher.update(vision_methods.TEACHERS.get(arg.method, {}) if arg.ensemble == 1 else {})
+  # The students' bit widths (kdjax.models.quantize; 0 = float): method qat_kd trains them low-bit.
+  config.quantize = dict(dict(bits_weights=0, bits_activations=0, first_last_bits=8),
+                         **vision_methods.QUANTIZE.get(arg.method, {}))
   if arg.method == "crd" or arg.method == "crd_kd":
     # The reference draws 16384 negatives from CIFAR-100's 50000 images; 4096 from the 4000 here.
     config.distill.crd.num_negatives = 4096 if not arg.runlocal else 64

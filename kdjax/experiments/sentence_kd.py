@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import time
@@ -45,6 +44,7 @@ from kdjax.evaluate import embeddings as embedding_metrics
 from kdjax.experiments.vision_kd import _add_train_seconds, learning_rate_schedule
 from kdjax.models.encoder import BertEncoder, EncoderConfig
 from kdjax.models.encoder_checkpoint import load_bert, minilm_l6_dir
+from kdjax.experiments import reporting
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
 from kdjax.train.checkpoint import RunCheckpoints
 
@@ -164,7 +164,9 @@ def train_student(*, name: str, config, initial: Encoder, seed: int, strategy: s
     loop.restore_data_state(data_state, batches)
     log(f"[{name}] resumed from step {int(state.step)} in {checkpoints.directory}")
   t0 = time.perf_counter()
-  if int(state.step) < train_cfg.steps:
+  # A finished run restored here trains nothing, so it adds no training time.
+  trains = int(state.step) < train_cfg.steps
+  if trains:
     log(f"[{name}] {student.layers} layers × {student.hidden}: {count_params(state.params):,} parameters, "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} lines; {strategy}")
     student_forward = sentence.encoder_forward(graphdef, features=strategy.feature_names("student"))
@@ -180,7 +182,7 @@ def train_student(*, name: str, config, initial: Encoder, seed: int, strategy: s
         logdir=os.path.join(directory, "tensorboard") if train_cfg.tensorboard else None,
         hparams=dict(seed=seed, student=config.student, data=config.data, strategy=repr(strategy)))
   checkpoints.close()
-  seconds = _add_train_seconds(directory, time.perf_counter() - t0)
+  seconds = _add_train_seconds(directory, time.perf_counter() - t0 if trains else 0.0)
   return Encoder(name, student, graphdef, state.params, count_params(state.params), strategy,
                  state.strategy_params, seconds)
 
@@ -302,10 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
                                                   if k in _metric_keys(results)))
   table = format_table(results)
   log("\n" + table)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"results": results, "config": config.to_dict()}, f, indent=1, default=str)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  reporting.write_results(workdir, results, config, table)
   results["table"] = table
   return results
 

@@ -34,6 +34,8 @@ from flax import nnx
 from kdjax.data import image_pipeline, image_sources
 from kdjax.distill import exits, representation
 from kdjax.losses import features as feature_losses
+from kdjax.experiments import reporting
+from kdjax.models import quantize as quantize_lib
 from kdjax.models.vision import registry
 from kdjax.train import loop, sharding as sharding_lib, state as state_lib, step as step_lib
 from kdjax.train.checkpoint import RunCheckpoints
@@ -74,10 +76,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
                      optax.sgd(learning_rate_schedule(cfg), momentum=cfg.momentum, nesterov=cfg.get("nesterov", False)))
 
 
-def _make_model(model_cfg, num_classes: int, input_shape, seed: int) -> Callable[[], nnx.Module]:
+def _make_model(model_cfg, num_classes: int, input_shape, seed: int, quantize=None) -> Callable[[], nnx.Module]:
+  """The model's constructor; with `quantize = (QuantSpec, calibration images)` its Conv / Linear layers
+  are fake-quantised (`kdjax.models.quantize`: the QAT student)."""
   overrides = dict(model_cfg.get("overrides") or {})
-  return lambda: registry.vision_model(model_cfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed),
-                                       input_shape=input_shape, **overrides)
+
+  def make():
+    model = registry.vision_model(model_cfg.name, num_classes=num_classes, rngs=nnx.Rngs(seed),
+                                  input_shape=input_shape, **overrides)
+    return model if quantize is None else quantize_lib.quantize_model(model, *quantize)
+  return make
 
 
 @dataclasses.dataclass
@@ -138,9 +146,9 @@ def ensemble_forward(members: list[Classifier], features=()) -> tuple[Any, Calla
 
 
 def train_classifier(*, name: str, model_cfg, train_cfg, seed: int, strategy, teacher: Optional[list[Classifier]],
-                     data: _Data, config, mesh, workdir: str, log: Callable[[str], None]) -> Classifier:
-  """Trains (or resumes, or restores a finished) classifier in `workdir/name`."""
-  make = _make_model(model_cfg, data.info.num_classes, data.info.image_shape, seed)
+                     data: _Data, config, mesh, workdir: str, log: Callable[[str], None], quantize=None) -> Classifier:
+  """Trains (or resumes, or restores a finished) classifier in `workdir/name`; `quantize` as `_make_model`'s."""
+  make = _make_model(model_cfg, data.info.num_classes, data.info.image_shape, seed, quantize)
   graphdef, params, model_state = state_lib.create_sharded_model_with_state(
       make, mesh, sharding_lib.rules_from_config(config, "student" if teacher else "teacher"))
   optimizer = make_optimizer(train_cfg)
@@ -153,7 +161,9 @@ def train_classifier(*, name: str, model_cfg, train_cfg, seed: int, strategy, te
     log(f"[{name}] resumed from step {int(state.step)} in {checkpoints.directory}")
   num_params = registry.count_params(nnx.merge(graphdef, state.params, state.model_state))
   t0 = time.perf_counter()
-  if int(state.step) < train_cfg.steps:
+  # A finished run restored here trains nothing, so it adds no training time.
+  trains = int(state.step) < train_cfg.steps
+  if trains:
     log(f"[{name}] {model_cfg.name}: {num_params:,} parameters, {train_cfg.steps} steps of {train_cfg.batch_size} images")
     teacher_params, teacher_forward = (None, None) if not teacher else ensemble_forward(
         teacher, strategy.feature_names("teacher"))
@@ -173,7 +183,7 @@ def train_classifier(*, name: str, model_cfg, train_cfg, seed: int, strategy, te
         logdir=os.path.join(checkpoints.directory, "tensorboard") if train_cfg.get("tensorboard", True) else None,
         hparams=dict(seed=seed, model=model_cfg, train=train_cfg, data=config.data, strategy=repr(strategy)))
   checkpoints.close()
-  seconds = _add_train_seconds(os.path.join(workdir, name), time.perf_counter() - t0)
+  seconds = _add_train_seconds(os.path.join(workdir, name), time.perf_counter() - t0 if trains else 0.0)
   return Classifier(name, graphdef, state.params, state.model_state, num_params, seconds)
 
 
@@ -255,6 +265,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   info = data.info
   log(f"data: {config.data.name} train {len(data.train_labels):,} images, test {len(data.test_labels):,}, "
       f"{info.num_classes} classes, {info.image_shape}; mesh {dict(mesh.shape)}")
+  # A `quantize` section makes both students low-bit (QAT), calibrated on the first training batch's
+  # images; their CE-only run gets its own name, so float methods sharing the workdir keep theirs.
+  spec = quantize_lib.QuantSpec.from_config(config.get("quantize"))
+  quantize = None if spec is None else (spec, image_pipeline.normalize(
+      data.train_images[:config.student.train.batch_size], info.mean, info.std))
+  ce_name = "student_ce" if spec is None else f"student_ce_w{spec.bits_weights}a{spec.bits_activations}"
+  if spec is not None:
+    log(f"students quantised: {spec}")
   # Shapes of every activation of both models by tracing: a bad layer name or head fails here,
   # before anything trains.
   shapes = {role: registry.activation_shapes(nnx.eval_shape(_make_model(config[role].model, info.num_classes,
@@ -300,30 +318,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
     for seed in range(config.seed, config.seed + config.num_seeds):
       # Distilled runs are named by the config's method, so several methods can share one workdir
       # (and its teacher and CE-only students: benchmarks/vision_distill.py).
-      run_name = f"{name}_seed{seed}" if name == "student_ce" else f"student_{config.get('name', 'kd')}_seed{seed}"
+      run_name = f"{ce_name}_seed{seed}" if name == "student_ce" else f"student_{config.get('name', 'kd')}_seed{seed}"
       teacher = teachers
       # Born-again networks (Furlanello et al. 2018): generation k learns from generation k - 1, the
       # teacher being generation 0; the reported distilled student is the last generation.
       for generation in range(1, config.teacher.get("born_again", 1) if name == "student_kd" else 1):
         teacher = [train_classifier(name=f"{run_name}_gen{generation}", model_cfg=config.student.model,
                                     train_cfg=config.student.train, seed=seed, strategy=strategy, teacher=teacher,
-                                    **common)]
+                                    quantize=quantize, **common)]
         results.setdefault("generations", []).append(dict(
             evaluate_with(teacher, teachers), generation=generation, seed=seed, num_params=teacher[0].num_params))
       trained = train_classifier(name=run_name, model_cfg=config.student.model,
                                  train_cfg=config.student.train, seed=seed,
                                  strategy=ce_only if name == "student_ce" else strategy,
-                                 teacher=None if name == "student_ce" else teacher, **common)
+                                 teacher=None if name == "student_ce" else teacher, quantize=quantize, **common)
       metrics = dict(evaluate_with([trained], teachers), num_params=trained.num_params,
                      train_seconds=trained.train_seconds, seed=seed)
       log(f"[{name} seed {seed}] test accuracy {100 * metrics['accuracy']:.2f}%")
       results[name].append(metrics)
   table = format_table(results)
   log("\n" + table)
-  suffix = "" if config.get("name", "kd") == "kd" else f"_{config.name}"
-  with open(os.path.join(workdir, f"results{suffix}.json"), "w") as f:
-    json.dump({"results": results, "config": config.to_dict()}, f, indent=1, default=str)
-  with open(os.path.join(workdir, f"results{suffix}.md"), "w") as f:
-    f.write(table + "\n")
+  name = config.get("name", "kd")
+  reporting.write_results(workdir, results, config, table, stem="results" if name == "kd" else f"results_{name}")
   results["table"] = table
   return results

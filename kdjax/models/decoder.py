@@ -54,6 +54,17 @@ LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"
 NORMS = ("rmsnorm", "layernorm")
 
 
+def check_float_dtypes(config, names=("dtype", "param_dtype")) -> None:
+  """Raises ValueError unless each named field of a model config is a floating dtype."""
+  for name in names:
+    try:
+      dtype = jnp.dtype(getattr(config, name))
+    except TypeError as e:
+      raise ValueError(f"{name} is not a dtype: {getattr(config, name)!r}.") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating dtype, got {dtype}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Shape and numerics of a :class:`DecoderLM`.
@@ -133,13 +144,7 @@ class DecoderConfig:
       raise ValueError(f"logit_softcap must be None or positive, got {self.logit_softcap!r}.")
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}.")
-    for name in ("dtype", "param_dtype"):
-      try:
-        dtype = jnp.dtype(getattr(self, name))
-      except TypeError as e:
-        raise ValueError(f"{name} is not a dtype: {getattr(self, name)!r}.") from e
-      if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating dtype, got {dtype}.")
+    check_float_dtypes(self)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, stddev: float, dtype) -> nnx.Param:

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.models import capture
-from kdjax.models.decoder import Norm, _annotated, _param, dense
+from kdjax.models.decoder import Norm, _annotated, _param, check_float_dtypes, dense
 
 # Hugging Face ``hidden_act`` names -> the function. "gelu" is BERT's exact erf form; the tanh
 # approximation differs by up to ~1e-3 per unit and would break checkpoint parity.
@@ -107,13 +107,7 @@ class EncoderConfig:
       raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}.")
     if not self.initializer_range > 0:
       raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}.")
-    for name in ("dtype", "param_dtype"):
-      try:
-        dtype = jnp.dtype(getattr(self, name))
-      except TypeError as e:
-        raise ValueError(f"{name} is not a dtype: {getattr(self, name)!r}.") from e
-      if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating dtype, got {dtype}.")
+    check_float_dtypes(self)
 
   @property
   def head_dim(self) -> int:
