@@ -150,6 +150,7 @@ def main():
       if args.report_only:
         results = recorded(workdir, methods)
         if not results:
+          sections += [f"### {dataset}: {teacher} → {student}", "", "Not yet run.", ""]
           continue
         missing = [m for m in methods if m not in results]
       else:

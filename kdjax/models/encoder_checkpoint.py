@@ -36,7 +36,7 @@ from flax import traverse_util
 from safetensors import safe_open
 
 from kdjax.models.encoder import ACTIVATIONS, BertEncoder, EncoderConfig
-from kdjax.models.hf_checkpoint import _LINEAR, _VECTOR, _Layout, _read_headers, _weight_files
+from kdjax.models.hf_checkpoint import _LINEAR, _VECTOR, _Layout, _read_headers, _weight_files, shape_problems
 
 PathLike = Union[str, os.PathLike]
 
@@ -152,11 +152,7 @@ def _check(expected, found) -> None:
   unexpected = sorted(set(found) - set(expected) - _IGNORED)
   if unexpected:
     problems.append(f"unexpected tensors: {unexpected}")
-  for name in sorted(set(expected) & set(found)):
-    _, layout, shape = expected[name]
-    want, got = layout.hf_shape(shape), found[name][1]
-    if got != want:
-      problems.append(f"{name} has shape {list(got)}, the config implies {list(want)}")
+  problems += shape_problems(expected, found)
   if problems:
     raise ValueError("checkpoint does not match its config: " + "; ".join(problems) + ".")
 

@@ -463,6 +463,18 @@ def _read_headers(files: list[pathlib.Path]) -> dict[str, tuple[pathlib.Path, tu
   return found
 
 
+def shape_problems(expected, found) -> list[str]:
+  """One line per tensor present in both tables whose checkpoint shape differs from what the
+  model config implies (`expected`: name -> (path, layout, shape); `found`: name -> (file, shape))."""
+  problems = []
+  for name in sorted(set(expected) & set(found)):
+    _, layout, shape = expected[name]
+    want, got = layout.hf_shape(shape), found[name][1]
+    if got != want:
+      problems.append(f"{name} has shape {list(got)}, the config implies {list(want)}")
+  return problems
+
+
 def _check_names_and_shapes(expected, found, tied: bool) -> None:
   """Raises one ValueError listing every missing, unexpected and wrongly shaped tensor."""
   problems = []
@@ -475,11 +487,7 @@ def _check_names_and_shapes(expected, found, tied: bool) -> None:
       and not (tied and name == "lm_head.weight"))
   if unexpected:
     problems.append(f"unexpected tensors: {unexpected}")
-  for name in sorted(set(expected) & set(found)):
-    _, layout, shape = expected[name]
-    want, got = layout.hf_shape(shape), found[name][1]
-    if got != want:
-      problems.append(f"{name} has shape {list(got)}, the config implies {list(want)}")
+  problems += shape_problems(expected, found)
   if tied and "lm_head.weight" in found:
     _, layout, shape = expected["model.embed_tokens.weight"]
     got, want = found["lm_head.weight"][1], layout.hf_shape(shape)
