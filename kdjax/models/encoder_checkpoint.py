@@ -33,10 +33,10 @@ from typing import Any, Mapping, Union
 import jax.numpy as jnp
 from flax import nnx
 from flax import traverse_util
-from safetensors import safe_open
 
 from kdjax.models.encoder import ACTIVATIONS, BertEncoder, EncoderConfig
-from kdjax.models.hf_checkpoint import _LINEAR, _VECTOR, _Layout, _read_headers, _weight_files, shape_problems
+from kdjax.models.hf_checkpoint import (_LINEAR, _VECTOR, _Layout, _read_headers, _weight_files, read_params,
+                                        shape_problems)
 
 PathLike = Union[str, os.PathLike]
 
@@ -187,12 +187,6 @@ def load_bert(path: PathLike, *, dtype: Any = jnp.float32,
   graphdef, state = nnx.split(nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0))))
   expected = _expected(state)
   _check(expected, found)
-  values = {}
-  for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        if name in expected:
-          nnx_path, layout, shape = expected[name]
-          values[nnx_path] = jnp.asarray(layout.to_nnx(f.get_tensor(name), shape), param_dtype)
+  values, _ = read_params(files, expected, param_dtype)
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(values))
   return nnx.merge(graphdef, state), config

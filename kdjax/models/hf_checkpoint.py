@@ -463,6 +463,23 @@ def _read_headers(files: list[pathlib.Path]) -> dict[str, tuple[pathlib.Path, tu
   return found
 
 
+def read_params(files, expected, param_dtype, *, extra=()) -> tuple[dict, dict]:
+  """Reads the checkpoint tensors named in `expected` into NNX layout and dtype.
+
+  Returns `({nnx path: array}, {name: array})`, the second holding the tensors named in `extra`
+  that the model has no place for, read unchanged (e.g. a tied checkpoint's lm_head)."""
+  values, others = {}, {}
+  for file in files:
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        if name in expected:
+          nnx_path, layout, shape = expected[name]
+          values[nnx_path] = jnp.asarray(layout.to_nnx(f.get_tensor(name), shape), param_dtype)
+        elif name in extra:
+          others[name] = jnp.asarray(f.get_tensor(name), param_dtype)
+  return values, others
+
+
 def shape_problems(expected, found) -> list[str]:
   """One line per tensor present in both tables whose checkpoint shape differs from what the
   model config implies (`expected`: name -> (path, layout, shape); `found`: name -> (file, shape))."""
@@ -530,15 +547,9 @@ def load_hf_decoder(path: PathLike, *, max_len: int | None = None, dtype: Any = 
   found = _read_headers(files)
   _check_names_and_shapes(expected, found, config.tie_embeddings)
 
-  values, lm_head = {}, None
-  for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        if name in expected:
-          nnx_path, layout, shape = expected[name]
-          values[nnx_path] = jnp.asarray(layout.to_nnx(f.get_tensor(name), shape), param_dtype)
-        elif config.tie_embeddings and name == "lm_head.weight":
-          lm_head = jnp.asarray(f.get_tensor(name), param_dtype)  # Rounded like the embedding.
+  # A tied checkpoint's lm_head is read as it is, rounded like the embedding, to compare below.
+  values, extra = read_params(files, expected, param_dtype, extra=("lm_head.weight",) if config.tie_embeddings else ())
+  lm_head = extra.get("lm_head.weight")
   if lm_head is not None:
     # transformers would silently overwrite it with the embedding; a difference means the
     # checkpoint is not what its config says.
