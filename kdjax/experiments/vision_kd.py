@@ -50,6 +50,8 @@ class Classifier:
   model_state: Any
   num_params: int
   train_seconds: float
+  # The strategy's average of the student's weights (EMA self-distillation), evaluated beside it.
+  ema: Optional["Classifier"] = None
 
   @property
   def variables(self):
@@ -184,7 +186,12 @@ def train_classifier(*, name: str, model_cfg, train_cfg, seed: int, strategy, te
         hparams=dict(seed=seed, model=model_cfg, train=train_cfg, data=config.data, strategy=repr(strategy)))
   checkpoints.close()
   seconds = _add_train_seconds(os.path.join(workdir, name), time.perf_counter() - t0 if trains else 0.0)
-  return Classifier(name, graphdef, state.params, state.model_state, num_params, seconds)
+  ema = None
+  if getattr(strategy, "reads_student_weights", False):
+    ema_params, ema_state = state.strategy_state["weights"]
+    ema = Classifier(f"{name}_ema", graphdef, ema_params, state.model_state if ema_state is None else ema_state,
+                     num_params, seconds)
+  return Classifier(name, graphdef, state.params, state.model_state, num_params, seconds, ema)
 
 
 def _add_train_seconds(directory: str, seconds: float) -> float:
@@ -247,6 +254,10 @@ def format_table(results: dict) -> str:
     rows.append(f"| {name} | {runs[0]['num_params']:,} | {_mean_std([r['accuracy'] for r in runs])} | "
                 f"{_mean_std([r['teacher_agreement'] for r in runs])} | "
                 f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} |")
+    if "ema" in runs[0]:
+      rows.append(f"| {name} (EMA of its weights) | {runs[0]['num_params']:,} | "
+                  f"{_mean_std([r['ema']['accuracy'] for r in runs])} | "
+                  f"{_mean_std([r['ema']['teacher_agreement'] for r in runs])} | - |")
   gains = [b["accuracy"] - a["accuracy"] for a, b in zip(results["student_ce"], results["student_kd"])]
   rows.append("")
   rows.append(f"KD gain over the no-teacher student ({len(gains)} seed(s), same init/data/steps): test accuracy "
@@ -335,6 +346,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
       metrics = dict(evaluate_with([trained], teachers), num_params=trained.num_params,
                      train_seconds=trained.train_seconds, seed=seed)
       log(f"[{name} seed {seed}] test accuracy {100 * metrics['accuracy']:.2f}%")
+      if trained.ema is not None:
+        metrics["ema"] = evaluate_with([trained.ema], teachers)
+        log(f"[{name} seed {seed}] its weights' EMA: test accuracy {100 * metrics['ema']['accuracy']:.2f}%")
       results[name].append(metrics)
   table = format_table(results)
   log("\n" + table)
