@@ -23,7 +23,7 @@ def test_runlocal_benchmark_writes_the_results_table(tmp_path):
     assert any(line.startswith(f"| {name} |") for line in rows), (name, report)
   # Both methods share one teacher and one CE-only student per seed, trained once in one workdir.
   pair_dir = tmp_path / "work" / "digits" / "resnet32-resnet8"
-  runs = sorted(p.name for p in pair_dir.iterdir() if p.is_dir() and p.name != "jax_cache")
+  runs = sorted(p.name for p in pair_dir.iterdir() if p.is_dir())
   assert runs == ["student_ce_seed0", "student_ce_seed1", "student_crd_seed0", "student_crd_seed1",
                   "student_kd_seed0", "student_kd_seed1", "teacher"], runs
   stored = json.loads((pair_dir / "benchmark.json").read_text())
