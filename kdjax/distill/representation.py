@@ -206,16 +206,16 @@ def _head_width(head: str, own_shape: tuple, other_shape: tuple, embed_dim: int)
 
 
 def _resize_map(x: Array, target: tuple[int, int]) -> Array:
-  """A projected student map `[B, H, W, C]` brought to the teacher's spatial size `target` by an
-  integer factor per axis: average pooling where the student's map is larger, nearest-neighbour
-  repetition where it is smaller. RepDistiller's ConvReg learns these as a strided convolution and
-  a transposed one; after the learned 1×1 map, fixed resampling keeps the head a channel map."""
+  """A map `[B, H, W, C]` brought to the spatial size `target` (the other model's) by an integer
+  factor per axis: average pooling where the map is larger, nearest-neighbour repetition where it
+  is smaller. RepDistiller's ConvReg learns these as a strided convolution and a transposed one;
+  after a head's learned 1×1 map, fixed resampling keeps the head a channel map."""
   out = x
   for axis, (size, goal) in enumerate(zip(x.shape[1:3], target), start=1):
     big, small = max(size, goal), min(size, goal)
     if big % small:
-      raise ValueError(f"a 'linear' head cannot map a {x.shape[1:3]} map onto {target}: one map's side must be "
-                       "an integer multiple of the other's")
+      raise ValueError(f"cannot resample a {x.shape[1:3]} feature map onto {target}: one map's side must be an "
+                       "integer multiple of the other's")
     factor = big // small
     if size > goal:
       shape = out.shape[:axis] + (goal, factor) + out.shape[axis + 1:]
