@@ -137,11 +137,13 @@ def test_kill_9_at_a_random_step_and_a_damaged_checkpoint_end_bit_identical(tmp_
   # A seeded random step line late enough that a previous checkpoint survives the damage.
   # From step 70 on, the saves of steps 40 and 60 are done (each save waits for the one before;
   # the last one may still be in flight, and a kill leaves it as an orbax temporary directory).
+  # The kill may also land while the checkpoint that fell out of the kept two is being deleted
+  # (CI once left 80 without its metadata beside 100 and 120): two or three steps remain.
   kill_at = random.Random(0).randrange(70, STEPS, LOG_EVERY)
   status, lines = _run(workdir, data_dir, stop_at=f"[{STUDENT}] step {kill_at}/", sig=signal.SIGKILL)
   assert status == -signal.SIGKILL, _tail(lines)
   steps = RunCheckpoints(str(workdir / STUDENT)).all_steps()
-  assert len(steps) == 2 and steps[-1] <= kill_at, (kill_at, steps)
+  assert len(steps) in (2, 3) and steps[-1] <= kill_at, (kill_at, steps)
   newest, previous = steps[-1], steps[-2]
   _truncate(_largest_array_file(str(workdir / STUDENT / str(newest))))
   status, lines = _run(workdir, data_dir)
