@@ -23,10 +23,10 @@ def test_there_are_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", COLABS, ids=[p.stem for p in COLABS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "")
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+def test_notebook_runs(path, tmp_path, monkeypatch, child_env):
+  for key, value in child_env().items():
+    monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   notebook = nbformat.read(path, as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
   outputs = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"

@@ -43,10 +43,12 @@ ROWS, VOCAB, BLOCK_ROWS, BLOCK_VOCAB = 13, 75, 8, 32
 ABSENT_IDS = (3, 40, 74)
 VALUE_TOLERANCE = dict(rtol=2e-5, atol=2e-6)
 # Gradient tolerances, absolute, as fractions of the largest |entry|. The kernel and the twin
-# evaluate the same formulas. The naive losses' autodiff is another float32 formula, and g − q·G
+# evaluate the same formulas, but XLA:CPU's exp and log round differently by optimisation level and
+# fusion: under the tests' -O0 the skew reverse KL (α = 0.1, T = 0.5) differed by 1.2e-5 of its scale
+# (5e-7 on an entry of -0.0027, where the skew mixture cancels), at -O2 by under 2e-6. The naive losses' autodiff is another float32 formula, and g − q·G
 # cancels where the student is confident (q ≈ 1, g ≈ q·G: at T = 0.5 one entry is 2.2757 − 2.2745):
 # the difference keeps an absolute error of a few ulps of g, up to ~1e-4 of the gradient's scale.
-GRAD_TOLERANCE = {"tiled": 2e-6, "naive": 2e-4}
+GRAD_TOLERANCE = {"tiled": 3e-5, "naive": 2e-4}
 
 
 @functools.lru_cache(maxsize=None)

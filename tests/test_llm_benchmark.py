@@ -9,9 +9,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_runlocal_benchmark_writes_the_results_table(tmp_path, data_dir):
+def test_runlocal_benchmark_writes_the_results_table(tmp_path, data_dir, child_env):
   output = tmp_path / "llm_distill.md"
-  env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = child_env(TFDS_DATA_DIR=data_dir)
   cmd = [sys.executable, "benchmarks/llm_distill.py", "--runlocal", "--seeds=1", "--methods=kd_forward_kl,redi",
          f"--workdir={tmp_path / 'work'}", f"--output={output}"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -49,16 +49,19 @@ def _config(data_dir):
   return config
 
 
-def _run(workdir, data_dir, *, stop_at=None, sig=None, timeout=420):
-  """Runs the experiment in `workdir`; sends `sig` when a line starts with `stop_at`.
-  Returns (exit status, output lines: stdout and stderr, merged)."""
-  cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare_kd.py:runlocal", f"--workdir={workdir}",
-         *OVERRIDES]
+@pytest.fixture(scope="module")
+def env(child_env, data_dir):
   # The runs compile the same programs: JAX's persistent cache (next to the data) lets the later
   # ones load the executables instead (the same code, so the same bits).
-  env = dict(os.environ, TFDS_DATA_DIR=data_dir, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(data_dir, "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return child_env(TFDS_DATA_DIR=data_dir, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=os.path.join(data_dir, "jax_cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _run(workdir, env, *, stop_at=None, sig=None, timeout=420):
+  """Runs the experiment in `workdir` in a child process with `env`; sends `sig` when a line starts
+  with `stop_at`. Returns (exit status, output lines: stdout and stderr, merged)."""
+  cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare_kd.py:runlocal", f"--workdir={workdir}",
+         *OVERRIDES]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   watchdog = threading.Timer(timeout, proc.kill)
   watchdog.start()
@@ -88,9 +91,9 @@ def _sharing(tmp_path, reference):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("unbroken")
-  status, lines = _run(workdir, data_dir)
+  status, lines = _run(workdir, env)
   assert status == 0, _tail(lines)
   return workdir
 
@@ -117,22 +120,22 @@ def _truncate(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-def test_sigterm_saves_the_step_and_the_rerun_resumes_there_with_equal_results(tmp_path, data_dir, reference):
+def test_sigterm_saves_the_step_and_the_rerun_resumes_there_with_equal_results(tmp_path, env, reference):
   workdir = _sharing(tmp_path, reference)
-  status, lines = _run(workdir, data_dir, stop_at=f"[{STUDENT}] step 50/", sig=signal.SIGTERM)
+  status, lines = _run(workdir, env, stop_at=f"[{STUDENT}] step 50/", sig=signal.SIGTERM)
   assert status == 143, _tail(lines)
   stopped = [line for line in lines if line.startswith(f"[{STUDENT}] preempted at step ")]
   assert len(stopped) == 1, _tail(lines)
   step = int(re.search(r"preempted at step (\d+)/", stopped[0]).group(1))
   # Saved at the step it stopped at, not at the last scheduled checkpoint.
   assert 50 <= step < STEPS and RunCheckpoints(str(workdir / STUDENT)).latest_step() == step
-  status, lines = _run(workdir, data_dir)
+  status, lines = _run(workdir, env)
   assert status == 0, _tail(lines)
   assert any(line.startswith(f"[{STUDENT}] resumed from step {step} in") for line in lines), _tail(lines)
   _assert_same_results(workdir, reference)
 
 
-def test_kill_9_at_a_random_step_and_a_damaged_checkpoint_end_bit_identical(tmp_path, data_dir, reference):
+def test_kill_9_at_a_random_step_and_a_damaged_checkpoint_end_bit_identical(tmp_path, data_dir, env, reference):
   workdir = _sharing(tmp_path, reference)
   # A seeded random step line late enough that a previous checkpoint survives the damage.
   # From step 70 on, the saves of steps 40 and 60 are done (each save waits for the one before;
@@ -140,13 +143,13 @@ def test_kill_9_at_a_random_step_and_a_damaged_checkpoint_end_bit_identical(tmp_
   # The kill may also land while the checkpoint that fell out of the kept two is being deleted
   # (CI once left 80 without its metadata beside 100 and 120): two or three steps remain.
   kill_at = random.Random(0).randrange(70, STEPS, LOG_EVERY)
-  status, lines = _run(workdir, data_dir, stop_at=f"[{STUDENT}] step {kill_at}/", sig=signal.SIGKILL)
+  status, lines = _run(workdir, env, stop_at=f"[{STUDENT}] step {kill_at}/", sig=signal.SIGKILL)
   assert status == -signal.SIGKILL, _tail(lines)
   steps = RunCheckpoints(str(workdir / STUDENT)).all_steps()
   assert len(steps) in (2, 3) and steps[-1] <= kill_at, (kill_at, steps)
   newest, previous = steps[-1], steps[-2]
   _truncate(_largest_array_file(str(workdir / STUDENT / str(newest))))
-  status, lines = _run(workdir, data_dir)
+  status, lines = _run(workdir, env)
   assert status == 0, _tail(lines)
   assert any(f"checkpoint step {newest} in" in line and "is damaged" in line for line in lines), _tail(lines)
   assert any(line.startswith(f"[{STUDENT}] resumed from step {previous} in") for line in lines), _tail(lines)

@@ -10,9 +10,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_runlocal_benchmark_writes_the_results_table(tmp_path):
+def test_runlocal_benchmark_writes_the_results_table(tmp_path, child_env):
   output = tmp_path / "vision_distill.md"
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = child_env(TFDS_DATA_DIR=str(tmp_path / "tfds"))
   cmd = [sys.executable, "benchmarks/vision_distill.py", "--runlocal", "--seeds=2", "--datasets=digits", "--pairs=1",
          "--methods=kd,crd", f"--workdir={tmp_path / 'work'}", f"--output={output}"]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -247,6 +247,9 @@ def fit(*, state, step_fn: Callable, batches: Iterator, teacher_params: Any, num
           if timed_from is not None:
             timed_from += time.perf_counter() - began
         if save:
+          # A resumed run logs only the steps after its checkpoint: what was logged up to it must
+          # be on disk before the checkpoint is (a kill -9 otherwise loses the unflushed points).
+          writer.flush()
           checkpoints.save(done, state, data_state(batches, prepare_batch), metrics=monitored if tracks_best else None)
         if preemption.due(done):
           if checkpoints is not None:
