@@ -86,6 +86,29 @@ def _resume(directory, batches, **kwargs):
   return checkpoints, state
 
 
+def test_a_replicated_state_is_saved_whole_without_compiling(tmp_path):
+  """One process writes a replicated array from one device: orbax's replica-parallel default would
+  slice it once per device, a compiled `slice` per shape and offset."""
+  mesh = sharding_lib.make_mesh({"data": 8})
+  state = jax.device_put(_State(step=jnp.int32(3), w=jnp.arange(24 * 7, dtype=jnp.float32).reshape(24, 7)),
+                         sharding_lib.replicated(mesh))
+  compiles = []
+  listen = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  checkpoints = RunCheckpoints(str(tmp_path))
+  try:
+    checkpoints.save(3, state)
+    checkpoints.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  saved = len(compiles)
+  restored, _ = checkpoints.restore(state)
+  checkpoints.close()
+  assert saved == 0
+  np.testing.assert_array_equal(restored.w, state.w)
+  assert restored.w.sharding == state.w.sharding
+
+
 # --- retention ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["min", "max"])

@@ -54,6 +54,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint._src.metadata import array_metadata_store  # pinned orbax: what its default handler uses
 
 ITEMS = ("state", "data")
 FILE_RECORD = "kdjax_files.json"
@@ -84,6 +85,22 @@ def _files(step_dir: str) -> dict[str, list[int]]:
   return out
 
 
+def _save_replicated_arrays_whole() -> None:
+  """In a one-process run, writes each replicated array from one device, not in slices.
+
+  Orbax's default (replica-parallel saving) splits a replicated array into one slice per replica so
+  that several hosts share the writing. In one process the same bytes go to the same host anyway,
+  and every slice shape and offset is a jitted `slice` compiled on first use: measured, 1,728 of
+  them (112 compiles) in one small LM experiment, whose saves then blocked 4.0 s instead of 0.2 s.
+  Several processes keep orbax's default.
+  """
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                                  array_metadata_store=array_metadata_store.Store()),
+        override=True)
+
+
 class RunCheckpoints:
   """The checkpoints of one run under `directory` (saved asynchronously; see the module doc).
 
@@ -111,6 +128,7 @@ class RunCheckpoints:
     self._warn = warn
     self._verified: set[int] = set()
     self._unrecorded: set[int] = set()  # saved this session, file record not yet written
+    _save_replicated_arrays_whole()
     options = dict(create=True, enable_async_checkpointing=True)
     if self.best_metric:
       metric = lambda metrics: float(metrics[best_metric])  # noqa: E731
