@@ -28,8 +28,13 @@ from kdjax.train.state import TrainState, state_shardings, trainable
 Forward = Callable[[Any, Mapping[str, jax.Array]], dict]
 
 
+@functools.lru_cache(maxsize=None)
 def lm_forward(graphdef, *, head: bool = False) -> Forward:
   """A forward function `(params, batch) -> outputs` for an NNX language model.
+
+  One function per (graphdef, head): the graphdef holds the model's whole config, so equal ones
+  compute the same, and programs built from the same forward (`make_eval_step`) are shared by
+  every run of that architecture (a CE-only and a distilled student evaluate with one program).
 
   Outputs are `{'logits'}`, or with `head=True` `{'features': h [B, L, H], 'head': W [H, V]}`
   (`DecoderLM.features` / `head_weights`) for strategies that fuse the head into the loss
@@ -176,11 +181,20 @@ def lm_eval_step(params, batch, teacher_params, *, student_forward: Forward, tea
 
 def make_eval_step(*, params, teacher_params, mesh: Mesh, student_forward: Forward,
                    teacher_forward: Optional[Forward]):
+  """`lm_eval_step` jitted for `params` / `teacher_params` in their shardings; the same forwards
+  and shardings get the same jitted function back, so its compiled program is reused."""
+  placed = lambda tree: jax.tree_util.tree_flatten(jax.tree_util.tree_map(lambda x: x.sharding, tree))  # noqa: E731
+  (p_leaves, p_tree), (t_leaves, t_tree) = placed(params), placed(teacher_params)
+  return _jitted_eval_step(student_forward, teacher_forward, tuple(p_leaves), p_tree, tuple(t_leaves), t_tree,
+                           sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_eval_step(student_forward, teacher_forward, p_leaves, p_tree, t_leaves, t_tree, batch_sharding,
+                      replicated):
   fn = functools.partial(lm_eval_step, student_forward=student_forward, teacher_forward=teacher_forward)
-  p_shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
-  t_shardings = jax.tree_util.tree_map(lambda x: x.sharding, teacher_params)
-  return jax.jit(fn, in_shardings=(p_shardings, sharding_lib.batch_sharding(mesh), t_shardings),
-                 out_shardings=sharding_lib.replicated(mesh))
+  return jax.jit(fn, in_shardings=(p_tree.unflatten(p_leaves), batch_sharding, t_tree.unflatten(t_leaves)),
+                 out_shardings=replicated)
 
 
 def sum_metrics(a: Optional[dict], b: dict) -> dict:
