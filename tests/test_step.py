@@ -302,3 +302,28 @@ def test_a_strategy_without_params_keeps_the_plain_optimizer_layout():
   assert state.strategy_params == {}
   mu = state.opt_state[0].mu
   assert jax.tree_util.tree_structure(mu) == jax.tree_util.tree_structure(state.params)
+
+
+def test_runs_of_one_architecture_share_one_compiled_eval_program():
+  """Two students of one architecture (other seeds, built apart) evaluate with one jitted program,
+  which still measures each with its own weights; another architecture gets its own."""
+  mesh = sharding_lib.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  batch = sharding_lib.shard_batch(_batch(0), mesh)
+  steps, ces = [], []
+  for seed in (0, 5):
+    graph, params = state_lib.create_sharded_model(lambda: DecoderLM(STUDENT, rngs=nnx.Rngs(seed)), mesh)  # noqa: B023
+    steps.append(step_lib.make_eval_step(params=params, teacher_params=None, mesh=mesh,
+                                         student_forward=step_lib.lm_forward(graph), teacher_forward=None))
+    metrics = steps[-1](params, batch, None)
+    logits = np.asarray(nnx.merge(graph, params)(jnp.asarray(batch["inputs"])), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    mask = np.asarray(batch["mask"])
+    np.testing.assert_allclose(float(metrics["ce"][0] / metrics["ce"][1]), (nll * mask).sum() / mask.sum(), rtol=1e-5)
+    ces.append(float(metrics["ce"][0]))
+  assert steps[0] is steps[1] and ces[0] != ces[1]
+  t_graph, t_params = state_lib.create_sharded_model(lambda: DecoderLM(TEACHER, rngs=nnx.Rngs(1)), mesh)
+  other = step_lib.make_eval_step(params=t_params, teacher_params=None, mesh=mesh,
+                                  student_forward=step_lib.lm_forward(t_graph), teacher_forward=None)
+  assert other is not steps[0]
