@@ -173,6 +173,28 @@ def test_ensemble_target_is_the_mean_probability():
   np.testing.assert_allclose(np.exp(out["logits"]), want, rtol=1e-5)
 
 
+def test_runs_of_one_architecture_share_their_forwards(mesh):
+  """Forwards are cached per architecture, so the eval programs built from them
+  (`step_lib.make_eval_step`) compile once per architecture, not once per run: single models and
+  ensembles of other seeds share theirs, which still compute each one's own outputs; another
+  architecture or another set of captured features gets its own."""
+  members = []
+  for seed in range(4):
+    g, p, s = state_lib.create_sharded_model_with_state(_model("resnet8", seed), mesh)
+    members.append(vision_kd.Classifier(f"s{seed}", g, p, s, 0, 0.0))
+  (p0, single0), (p1, single1) = (vision_kd.ensemble_forward(members[i:i + 1]) for i in (0, 1))
+  (e0_params, ens0), (e1_params, ens1) = (vision_kd.ensemble_forward(members[i:i + 2]) for i in (0, 2))
+  assert single0 is single1 and ens0 is ens1 and ens0 is not single0
+  batch = sharding_lib.shard_batch(_batch(), mesh)
+  logits = jax.jit(lambda p, b: single0(p, b)["logits"])
+  assert not np.allclose(logits(p0, batch), logits(p1, batch))
+  log_mean = np.log(np.mean([np.asarray(jax.nn.softmax(logits(m.variables, batch))) for m in members[2:]], axis=0))
+  np.testing.assert_allclose(jax.jit(ens1)(e1_params, batch)["logits"], log_mean, rtol=1e-4, atol=1e-5)
+  tg, _, _ = state_lib.create_sharded_model_with_state(_model("resnet14", 0), mesh)
+  assert step_lib.classifier_forward(tg) is not single0
+  assert step_lib.classifier_forward(members[0].graphdef, features=["pre_logits"]) is not single0
+
+
 def _runlocal(method, workdir, **overrides):
   config = vision_config.get_config(f"runlocal,method={method},dataset=digits,teacher=resnet14,student=resnet8")
   with config.unlocked():

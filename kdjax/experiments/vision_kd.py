@@ -18,6 +18,7 @@ loses nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -135,16 +136,21 @@ def ensemble_forward(members: list[Classifier], features=()) -> tuple[Any, Calla
   """(params, forward) of one teacher or an ensemble: the ensemble's logits are the log of its
   members' mean probabilities (MEAL V2 / SSLD's averaged soft targets), its features the first
   member's."""
-  forwards = [step_lib.classifier_forward(m.graphdef, features=features if i == 0 else ()) for i, m in
-              enumerate(members)]
+  forwards = tuple(step_lib.classifier_forward(m.graphdef, features=features if i == 0 else ()) for i, m in
+                   enumerate(members))
   if len(members) == 1:
     return members[0].variables, forwards[0]
+  return [m.variables for m in members], _averaged_forward(forwards)
 
+
+@functools.lru_cache(maxsize=None)
+def _averaged_forward(forwards: tuple[Callable, ...]) -> Callable:
+  # Cached on the members' forwards, so every evaluation of equal ensembles shares one program.
   def forward(params, batch):
     outs = [f(p, batch) for f, p in zip(forwards, params)]
     log_probs = jnp.stack([jax.nn.log_softmax(o["logits"].astype(jnp.float32), -1) for o in outs])
     return {"logits": jax.nn.logsumexp(log_probs, axis=0) - jnp.log(len(outs)), "features": outs[0]["features"]}
-  return [m.variables for m in members], forward
+  return forward
 
 
 def train_classifier(*, name: str, model_cfg, train_cfg, seed: int, strategy, teacher: Optional[list[Classifier]],

@@ -58,10 +58,14 @@ def classifier_forward(graphdef, *, train: bool = False, features=()) -> Forward
   the activations named in `features` (`kdjax.models.capture`); with `train=True` and a
   `model_state` (BatchNorm statistics) also `'model_state'`, its value after this batch. A
   teacher's params may be the pair `(params, model_state)`: it runs in eval mode on its
-  running statistics.
+  running statistics. Like `lm_forward`, one function per (graphdef, train, features), so the
+  programs built from it are shared by every run of that architecture.
   """
-  names = tuple(features)
+  return _classifier_forward(graphdef, train, tuple(features))
 
+
+@functools.lru_cache(maxsize=None)
+def _classifier_forward(graphdef, train: bool, names: tuple[str, ...]) -> Forward:
   def forward(params, batch, model_state=None):
     if model_state is None and isinstance(params, tuple):
       params, model_state = params
