@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import kernels, losses
 from kdjax.distill import strategies
-from kdjax.kernels import terms, tiled
+from kdjax.kernels import terms
 from kdjax.train import sharding as sharding_lib
 
 # (name, coefficients, the kdjax.losses function with those coefficients bound)
@@ -118,26 +118,23 @@ def test_vocab_parallel_equals_unsharded(axes, row_axes):
   weights = jnp.arange(1.0, 9.0)
   layout = NamedSharding(mesh, P(row_axes if row_axes else None, "model"))
   s_sharded, t_sharded = jax.device_put(s, layout), jax.device_put(t, layout)
-  for name, coefficients, _ in FAMILY:
+  for name, coefficients, reference in FAMILY:
     div = terms.divergence(name, **coefficients)
+
+    def weighted(x, y):
+      rows = kernels.vocab_parallel_divergence(div, x, y, mesh=mesh, vocab_axis="model", row_axes=row_axes,
+                                               temperature=1.5, where=where, tile=10)
+      return jnp.sum(rows * weights), rows
+
     # Jitted whole, as in a step: JAX 0.10's eager transpose of a jitted call recovers its shardings
     # with the first mesh the process used, and fails for a second mesh.
-    sharded = jax.jit(jax.value_and_grad(lambda x, y: jnp.sum(vocab_parallel_fn(div, x, y, mesh, row_axes, where)
-                                                              * weights)))
-    got_sum, got_grad = sharded(s_sharded, t_sharded)
-    got = kernels.vocab_parallel_divergence(div, s_sharded, t_sharded, mesh=mesh, vocab_axis="model",
-                                            row_axes=row_axes, temperature=1.5, where=where, tile=10)
-    unsharded = lambda x: tiled.tiled_divergence(div, x, t, temperature=1.5, where=where, tile=10)  # noqa: E731
-    want_sum, want_grad = _value_and_grad(unsharded, s, weights)
-    np.testing.assert_allclose(got, unsharded(s), rtol=1e-5, atol=1e-6, err_msg=name)
+    (got_sum, got), got_grad = jax.jit(jax.value_and_grad(weighted, has_aux=True))(s_sharded, t_sharded)
+    dense = lambda x: reference(x, t, temperature=1.5, where=where)  # noqa: E731 (the whole vocabulary at once)
+    want_sum, want_grad = _value_and_grad(dense, s, weights)
+    np.testing.assert_allclose(got, dense(s), rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6, err_msg=name)
     assert got_grad.sharding.spec == layout.spec, name  # each device keeps its own gradient columns
-
-
-def vocab_parallel_fn(div, s, t, mesh, row_axes, where):
-  return kernels.vocab_parallel_divergence(div, s, t, mesh=mesh, vocab_axis="model", row_axes=row_axes,
-                                           temperature=1.5, where=where, tile=10)
 
 
 def test_vocab_parallel_rejects_an_indivisible_vocab():
