@@ -192,10 +192,12 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, name: str, ro
   graphdef, params = state_lib.create_sharded_model(lambda: DecoderLM(model_cfg, rngs=nnx.Rngs(0)), mesh,
                                                     sharding_lib.rules_from_config(config, role))
   checkpoints = RunCheckpoints(os.path.join(workdir, name))
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint of {name!r} in {workdir}")
-  params = checkpoints.restore_params(params)
-  checkpoints.close()
+  try:
+    if checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint of {name!r} in {workdir}")
+    params = checkpoints.restore_params(params)
+  finally:
+    checkpoints.close()
   return TrainedModel(graphdef, params, count_params(nnx.merge(graphdef, params)), 0.0)
 
 
