@@ -269,10 +269,18 @@ class RunCheckpoints:
     self._manager.reload()
 
   def _restore_state(self, step: int, abstract: Any) -> Any:
+    path = os.path.join(self.directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    # Shapes are checked on the metadata first: orbax would start every read and, at the first
+    # mismatch, leave the others' TensorStore futures calling into its closed event loop.
+    misfits = _misfits(abstract, checkpointer.metadata(path).item_metadata.tree)
+    if misfits:
+      raise ValueError(f"checkpoint step {step} in {self.directory} does not fit the template: {'; '.join(misfits[:5])}"
+                       + (f" and {len(misfits) - 5} more" if len(misfits) > 5 else ""))
     # A partial restore reads the leaves `abstract` names and nothing else.
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract)
-    return ocp.PyTreeCheckpointer().restore(
-        os.path.join(self.directory, str(step), "state"),
+    return checkpointer.restore(
+        path,
         args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                     partial_restore=True))
 
@@ -292,3 +300,22 @@ class RunCheckpoints:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _misfits(abstract: Any, stored: Any) -> list[str]:
+  """'path: stored shape S, wanted W' for each leaf of `abstract` whose stored array has another
+  shape (a leaf the checkpoint lacks is left to orbax's own error)."""
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    node = stored
+    for entry in path:
+      key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", None)))
+      if isinstance(node, dict):
+        node = node.get(str(key), node.get(key))
+      else:
+        node = node[key] if isinstance(node, (list, tuple)) and isinstance(key, int) and key < len(node) else None
+      if node is None:
+        break
+    if node is not None and hasattr(node, "shape") and tuple(node.shape) != tuple(leaf.shape):
+      out.append(f"{jax.tree_util.keystr(path)}: stored shape {tuple(node.shape)}, wanted {tuple(leaf.shape)}")
+  return out
