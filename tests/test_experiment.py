@@ -155,9 +155,10 @@ def test_distilled_student_beats_its_no_teacher_baseline(tmp_path, data_dir, chi
 
   This setting measured gains of +0.085 and +0.061 nats/byte for seeds 0 and 1 (teacher 1.854,
   CE-only student 2.282 nats/byte for seed 0; 500/200 steps gave +0.083, 800/300 +0.091 and
-  +0.078), so a gain below 0.03 means distillation broke, not bad luck. It runs as a user would, in a child process with XLA's default
-  optimisation: these steps are execution-bound, and the tests' fast-compile flag made them 1.7x
-  slower. Samples and the monitor are off (other tests run them).
+  +0.078), so a gain below 0.03 means distillation broke, not bad luck. It runs as a user would,
+  in a child process with XLA's default optimisation: these steps are execution-bound, and the
+  tests' fast-compile flag made them 1.7x slower. Samples and the monitor are off (other tests
+  run them).
   """
   cmd = [sys.executable, "-m", "kdjax.main", "--config=configs/shakespeare_kd.py", f"--workdir={tmp_path}",
          "--config.teacher.train.steps=300", "--config.student.train.steps=150",
